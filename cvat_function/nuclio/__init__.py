@@ -1,0 +1,1 @@
+"""The Nuclio function: function.yaml (CPU), function-gpu.yaml, main.py, model_handler.py."""

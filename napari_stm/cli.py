@@ -1,0 +1,363 @@
+"""`napari-stm propagate | evaluate | demo | models | cvat fill-task`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+
+from napari_stm.core.errors import CheckpointError, InputError
+
+SAMPLE = files("napari_stm") / "data" / "sample_clip"
+OVERLAY_FRAMES = 6
+
+
+def default_model() -> str:
+    """The model adapters use when none is named: the trained one once it ships."""
+    from napari_stm.core.weights import available_models
+
+    return "stm-lite" if "stm-lite" in available_models() else "lite0-match"
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="model name (default: stm-lite when bundled, else lite0-match); "
+        "see `napari-stm models`",
+    )
+    g.add_argument("--weights", default=None, help="checkpoint path or http(s) URL")
+    g.add_argument("--sha256", default=None, help="expected sha256 of the weights file")
+    g.add_argument(
+        "--device",
+        default=None,
+        choices=["cpu", "cuda", "mps"],
+        help="default: cuda when available, else cpu",
+    )
+
+
+def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    from napari_stm.core.engine import PropagationConfig
+
+    d = PropagationConfig()
+    g = p.add_argument_group("propagation")
+    g.add_argument(
+        "--memory",
+        choices=["bounded", "official"],
+        default=d.memory,
+        help="bounded: flat time and memory per frame; official: the paper's procedure",
+    )
+    g.add_argument(
+        "--direction",
+        choices=["forward", "backward", "both"],
+        default="both",
+        help="default: %(default)s",
+    )
+    g.add_argument("--mem-every", type=int, default=d.mem_every, help="default: %(default)s")
+    g.add_argument(
+        "--max-memory",
+        type=int,
+        default=d.max_memory,
+        help="most memory frames per read in bounded mode (default: %(default)s)",
+    )
+    g.add_argument(
+        "--top-k", type=int, default=None, help="top-k memory read (0: dense; default: the model's)"
+    )
+    g.add_argument(
+        "--confidence-gate",
+        type=float,
+        default=d.confidence_gate,
+        help="least confidence for a frame to enter long-lived memory (0: always)",
+    )
+    g.add_argument(
+        "--max-side",
+        type=int,
+        default=None,
+        help="resize internally so the longer side is at most this",
+    )
+    g.add_argument("--start", type=int, default=None, help="first frame (default: 0)")
+    g.add_argument("--stop", type=int, default=None, help="frame after the last (default: all)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="napari-stm",
+        description="Space-Time Memory video object segmentation: paint a mask, fill the video.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("propagate", help="fill masks through a video from annotated frames")
+    p.add_argument("frames", help="folder of frames, a video file, or a TIFF stack")
+    p.add_argument(
+        "--masks",
+        required=True,
+        help="folder of label images named like the frames, or one label image for the first frame",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder (one palette PNG per frame) or a .tif label stack",
+    )
+    p.add_argument("--probs", default=None, help="also save probabilities to this .npz")
+    p.add_argument("--overlay", default=None, help="also save a picture of masks over frames")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_model_arguments(p)
+    _add_engine_arguments(p)
+
+    p = sub.add_parser("demo", help="propagate the bundled sample clip with the default model")
+    p.add_argument("--out", default="stm_demo", help="output folder (default: %(default)s)")
+    _add_model_arguments(p)
+
+    p = sub.add_parser("evaluate", help="J and F of predicted masks, as the DAVIS benchmark")
+    from napari_stm import evaluation
+
+    evaluation.add_arguments(p)
+
+    sub.add_parser("models", help="list the models")
+
+    cvat = sub.add_parser("cvat", help="CVAT tools")
+    cvat_sub = cvat.add_subparsers(dest="cvat_command", required=True)
+    fill = cvat_sub.add_parser("fill-task", help="fill masks across a whole CVAT task")
+    try:
+        from cvat_function import task
+    except ImportError as err:
+        fill.set_defaults(_missing=f"{err}: install the CVAT extra: pip install 'napari-stm[cvat]'")
+    else:
+        task.add_arguments(fill)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "propagate":
+            return propagate(args)
+        if args.command == "demo":
+            return demo(args)
+        if args.command == "evaluate":
+            from napari_stm import evaluation
+
+            return evaluation.run(args)
+        if args.command == "models":
+            from napari_stm.core.weights import available_models
+
+            for name, text in available_models().items():
+                print(f"{name:14s} {text}")
+            return 0
+        if args.command == "cvat":
+            if getattr(args, "_missing", None):
+                raise InputError(args._missing)
+            from cvat_function import task
+
+            return task.run(args)
+    except (InputError, CheckpointError) as err:
+        print(f"napari-stm: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("napari-stm: interrupted; every mask written so far is complete", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def demo(args: argparse.Namespace) -> int:
+    sample = Path(str(SAMPLE))
+    out = Path(args.out)
+    argv = [
+        str(sample / "frames"),
+        "--masks",
+        str(sample / "masks"),
+        "--out",
+        str(out / "masks"),
+        "--overlay",
+        str(out / "overlay.png"),
+        "--overwrite",
+    ]
+    for flag in ("model", "weights", "sha256", "device"):
+        value = getattr(args, flag)
+        if value is not None:
+            argv += [f"--{flag}", value]
+    code = main(["propagate", *argv])
+    if code == 0:
+        print(f"masks: {out / 'masks'}\noverlay: {out / 'overlay.png'}")
+    return code
+
+
+def propagate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from napari_stm import io
+    from napari_stm.core.engine import PropagationConfig, Propagator
+    from napari_stm.core.weights import load_model
+
+    source = io.open_frames(args.frames)
+    masks = io.read_masks(args.masks, source.stems, source.frame_shape)
+    if not masks:
+        raise InputError(f"no masks found in '{args.masks}'")
+    out = Path(args.out)
+    as_tiff = out.suffix.lower() in (".tif", ".tiff")
+    _check_outputs(args, out, as_tiff)
+
+    config = PropagationConfig(
+        memory=args.memory,
+        mem_every=args.mem_every,
+        max_memory=args.max_memory,
+        top_k=args.top_k,
+        confidence_gate=args.confidence_gate,
+        max_side=args.max_side,
+        device=args.device,
+    )
+    model = load_model(
+        args.model or default_model(),
+        weights=args.weights,
+        device=args.device,
+        sha256=args.sha256,
+        progress=not args.quiet,
+    )
+    prop = Propagator(model, source, config)
+    for t, labels in masks.items():
+        prop.add_reference(t, labels)
+
+    n = len(source)
+    start = 0 if args.start is None else args.start
+    stop = n if args.stop is None else args.stop
+    ids = prop.object_ids
+    h, w = source.frame_shape[:2]
+    shown = set(np.linspace(start, stop - 1, min(OVERLAY_FRAMES, stop - start)).round().astype(int))
+    kept: dict[int, np.ndarray] = {}
+    probs = (
+        np.lib.format.open_memmap(
+            _temp_npy(args.probs),
+            mode="w+",
+            dtype=np.float32,
+            shape=(stop - start, len(ids) + 1, h, w),
+        )
+        if args.probs
+        else None
+    )
+    if probs is not None:
+        probs[:] = 0
+    reached = prop.reach(args.direction, start, stop)
+    bar = tqdm(total=len(reached), unit="frame", disable=args.quiet, desc="propagating")
+    tiff = _OrderedTiff(out, start, stop, reached, (h, w), args.overwrite) if as_tiff else None
+    if not as_tiff:
+        out.mkdir(parents=True, exist_ok=True)
+    try:
+        for res in prop.propagate(args.direction, start, stop):
+            if tiff is not None:
+                tiff.put(res.t, res.labels)
+            else:
+                io.write_palette_png(out / f"{source.stems[res.t]}.png", res.labels)
+            if probs is not None:
+                probs[res.t - start] = res.probs
+            if res.t in shown:
+                kept[res.t] = res.labels
+            bar.update(1)
+        if tiff is not None:
+            tiff.close()
+    except BaseException:
+        if tiff is not None:
+            tiff.abort()
+        raise
+    finally:
+        bar.close()
+    if probs is not None:
+        probs.flush()
+        _save_probs(args.probs, probs, ids, [source.stems[t] for t in range(start, stop)])
+    if args.overlay and kept:
+        io.save_overlay_grid(args.overlay, source, kept, n=len(kept))
+    unreached = (stop - start) - len(reached)
+    if unreached:
+        print(
+            f"note: {unreached} frames lie before the first (or after the last) reference in "
+            f"direction '{args.direction}' and were not segmented",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _check_outputs(args: argparse.Namespace, out: Path, as_tiff: bool) -> None:
+    # Never write over the user's inputs, and never over earlier results unless asked to.
+    inputs = {Path(args.frames).resolve(), Path(args.masks).resolve()}
+    if out.resolve() in inputs:
+        raise InputError(f"--out '{out}' is one of the inputs; choose another folder")
+    if not args.overwrite:
+        if as_tiff and out.exists():
+            raise InputError(f"'{out}' exists; pass --overwrite to replace it")
+        if not as_tiff and out.is_dir() and any(out.iterdir()):
+            raise InputError(f"output folder '{out}' is not empty; pass --overwrite to reuse it")
+        for extra in (args.probs, args.overlay):
+            if extra and Path(extra).exists():
+                raise InputError(f"'{extra}' exists; pass --overwrite to replace it")
+    if out.exists() and not as_tiff and not out.is_dir():
+        raise InputError(f"--out '{out}' is a file; give a folder or a .tif path")
+
+
+def _temp_npy(path: str) -> Path:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target.with_name(f".{target.name}.probs.npy")
+
+
+def _save_probs(path: str, probs: np.memmap, ids: list[int], stems: list[str]) -> None:
+    import os
+
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.part.npz")
+    try:
+        np.savez(tmp, probs=probs, ids=np.array(ids, dtype=np.int32), stems=np.array(stems))
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+        Path(probs.filename).unlink(missing_ok=True)
+
+
+class _OrderedTiff:
+    """A label TIFF over [start, stop) written in frame order while results arrive in any order.
+
+    Frames no pass reaches are written empty.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        start: int,
+        stop: int,
+        reached: set[int],
+        size: tuple[int, int],
+        overwrite: bool,
+    ) -> None:
+        from napari_stm.io import LabelTiffWriter
+
+        self.writer = LabelTiffWriter(path, overwrite=overwrite, bigtiff=True)
+        self.writer.__enter__()
+        self.next, self.stop, self.reached = start, stop, reached
+        self.empty = np.zeros(size, np.uint8)
+        self.pending: dict[int, np.ndarray] = {}
+
+    def put(self, t: int, labels: np.ndarray) -> None:
+        self.pending[t] = labels
+        while self.next < self.stop and (
+            self.next in self.pending or self.next not in self.reached
+        ):
+            self.writer.write(self.pending.pop(self.next, self.empty))
+            self.next += 1
+
+    def close(self) -> None:
+        self.put(self.stop, self.empty)  # flushes frames after the last one reached
+        self.pending.clear()
+        self.writer.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        self.writer.__exit__(RuntimeError, None, None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The STM core: networks, memory, propagation engine. Imports torch and numpy only."""

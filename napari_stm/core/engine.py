@@ -1,0 +1,558 @@
+"""The propagation engine: reference masks on any frames in, every frame out.
+
+``Tracker`` walks one direction frame by frame around a memory bank (the whole contract of a
+streaming adapter such as a CVAT tracking session). ``Propagator`` holds a video and the frames a
+person annotated, and runs trackers forward, backward or both ways between the references.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from napari_stm.core.errors import InputError
+from napari_stm.core.frames import FrameReader, Geometry, Normalize, check_labels, from_network
+from napari_stm.core.frames import geometry as make_geometry
+from napari_stm.core.memory import MemoryBank
+from napari_stm.core.model import MemoryEntry, QueryFeatures, VOSNetwork
+from napari_stm.core.readout import soft_aggregate
+
+Direction = Literal["forward", "backward", "both"]
+MemoryMode = Literal["bounded", "official"]
+
+#: object slots of the official evaluation code: the unused ones take part in its softmax
+OFFICIAL_SLOTS = 11
+#: a pixel whose most likely class is below this probability counts as uncertain
+UNCERTAIN_BELOW = 0.75
+#: "both" keeps one direction's probabilities on disk past this size, not in RAM
+SPILL_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class PropagationConfig:
+    """How propagation runs. The defaults suit most videos."""
+
+    #: "bounded" (flat time and memory per frame) or "official" (the paper's procedure)
+    memory: MemoryMode = "bounded"
+    #: a memory frame every N frames
+    mem_every: int = 5
+    #: most memory frames one read sees (bounded mode), references and previous frame included
+    max_memory: int = 10
+    #: top-k memory positions per query position; None: the network's default (0: dense)
+    top_k: int | None = None
+    #: a frame is written into long-lived memory only if its confidence reaches this (0: always)
+    confidence_gate: float = 0.5
+    #: resize frames internally so their longer side is at most this (masks come back full size)
+    max_side: int | None = None
+    #: "cpu", "cuda", "mps"; None: where the model is
+    device: str | None = None
+    #: bf16 autocast on CUDA
+    amp: bool = True
+    #: intensity scaling: "auto" (uint8 / 255, other dtypes by robust percentiles)
+    normalize: Normalize = "auto"
+
+    def __post_init__(self) -> None:
+        if self.memory not in ("bounded", "official"):
+            raise InputError(f"memory must be 'bounded' or 'official', not {self.memory!r}")
+        if self.mem_every < 1:
+            raise InputError(f"mem_every must be at least 1, not {self.mem_every}")
+        if self.max_memory < 2:
+            raise InputError(f"max_memory must be at least 2, not {self.max_memory}")
+        if self.top_k is not None and self.top_k < 0:
+            raise InputError(f"top_k must be positive, not {self.top_k}")
+        if not 0 <= self.confidence_gate <= 1:
+            raise InputError(f"confidence_gate must be in [0, 1], not {self.confidence_gate}")
+        if self.max_side is not None and self.max_side < 16:
+            raise InputError(f"max_side must be at least 16 pixels, not {self.max_side}")
+
+
+@dataclass
+class FrameResult:
+    """One segmented frame. ``probs`` is computed on first access."""
+
+    t: int
+    labels: np.ndarray
+    is_reference: bool
+    _probs: Tensor | np.ndarray = field(repr=False)
+    _geo: Geometry | None = field(default=None, repr=False)
+
+    @property
+    def probs(self) -> np.ndarray:
+        """float32 [N+1, H, W]: background, then objects by ascending id."""
+        if isinstance(self._probs, Tensor):
+            assert self._geo is not None
+            p = from_network(self._probs[None].float(), self._geo)[0]
+            self._probs = p.cpu().numpy()
+        return self._probs
+
+    def __iter__(self) -> Iterator[Any]:
+        # Lets adapters unpack ``t, labels, probs = result``.
+        return iter((self.t, self.labels, self.probs))
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def confidence(probs: Tensor) -> float:
+    """Share of the object region whose class is certain (1.0 when nothing is uncertain).
+
+    ``probs`` [N+1, H, W]. The region is every pixel assigned to an object plus every
+    uncertain pixel, so a mask that bleeds into the background scores low.
+    """
+    top, cls = probs.max(0)
+    uncertain = top < UNCERTAIN_BELOW
+    region = (cls > 0) | uncertain
+    n = int(region.sum())
+    return 1.0 if n == 0 else 1.0 - float(uncertain.sum()) / n
+
+
+def one_hot(labels: Tensor, ids: list[int]) -> Tensor:
+    """[H, W] integer labels -> [len(ids), H, W] float masks (unknown ids are background)."""
+    return (
+        torch.stack([(labels == i) for i in ids]).float()
+        if ids
+        else labels.new_zeros((0, *labels.shape), dtype=torch.float32)
+    )
+
+
+class Tracker:
+    """One direction of propagation, frame by frame, around a memory bank.
+
+    ``step(frame, labels)`` memorises a reference; ``step(frame)`` segments the next frame and
+    updates the memory under the configured policy.
+    """
+
+    def __init__(
+        self,
+        model: VOSNetwork,
+        config: PropagationConfig | None = None,
+        object_ids: list[int] | None = None,
+    ) -> None:
+        self.model = model
+        self.config = config or PropagationConfig()
+        self.device = torch.device(self.config.device) if self.config.device else model.device
+        official = self.config.memory == "official"
+        half = self.device.type == "cuda" and self.config.amp and not official
+        self.bank = MemoryBank(
+            max_frames=None if official else self.config.max_memory,
+            storage_dtype=torch.float16 if half else None,
+        )
+        self.object_ids: list[int] = sorted(object_ids or [])
+        self.active = torch.zeros(len(self.object_ids), dtype=torch.bool)
+        self.geo: Geometry | None = None
+        self.steps = 0  # frames seen since the pass started
+        self._pending: tuple[int, Tensor, Tensor, QueryFeatures | None, bool] | None = None
+        self._sources: dict[int, tuple[Tensor, Tensor]] = {}
+        self._intensity: tuple[np.ndarray, np.ndarray] | None = None
+        self._direction = 0
+        self._last_t: int | None = None
+
+    # -- introspection ------------------------------------------------------------------------
+    @property
+    def memory_frames(self) -> int:
+        return len(self.bank) + (self._pending is not None)
+
+    @property
+    def memory_nbytes(self) -> int:
+        kept = sum(
+            i.element_size() * i.numel() + p.element_size() * p.numel()
+            for i, p in self._sources.values()
+        )
+        return self.bank.nbytes + kept
+
+    @property
+    def top_k(self) -> int | None:
+        if self.config.memory == "official":
+            return None
+        k = self.config.top_k if self.config.top_k is not None else self.model.default_top_k
+        return k or None
+
+    # -- streaming API ------------------------------------------------------------------------
+    def step(self, frame: Any, labels: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """Segment ``frame`` (H x W or H x W x C), or memorise it with ``labels`` as reference.
+
+        Returns (labels H x W uint8, probs float32 [N+1, H, W]).
+        """
+        reader = FrameReader([frame], self.config.normalize, self._intensity)
+        if reader.needs_range:
+            self._intensity = reader.intensity_range
+        if self.geo is None:
+            self.geo = make_geometry(reader.size, self.model.pad_multiple, self.config.max_side)
+        elif reader.size != self.geo.size:
+            raise InputError(
+                f"image size changed inside a session: {reader.size[1]}x{reader.size[0]}, "
+                f"the session started with {self.geo.size[1]}x{self.geo.size[0]}"
+            )
+        t = 0 if self._last_t is None else self._last_t + 1
+        with torch.inference_mode():
+            image = reader.tensor(0, self.geo, self.device)
+            if labels is not None:
+                lab = check_labels(labels, self.geo.size, f"frame {t}")
+                self.add_reference(t, image, lab)
+                result = self.reference_result(t, lab)
+            else:
+                if not len(self.bank) and self._pending is None:
+                    raise InputError("no reference yet: the first frame needs a mask")
+                probs, query = self.segment(t, image)
+                self.remember(t, image, probs, query)
+                result = self.result(t, probs)
+        return result.labels, result.probs
+
+    # -- engine API ---------------------------------------------------------------------------
+    def ensure_objects(self, ids: list[int]) -> None:
+        """Add object ids; memory written before is re-encoded with the new objects absent."""
+        new = sorted(set(ids) - set(self.object_ids))
+        if not new:
+            return
+        old_ids = self.object_ids
+        self.object_ids = sorted(set(old_ids) | set(new))
+        index = [self.object_ids.index(i) for i in old_ids]
+        active = torch.zeros(len(self.object_ids), dtype=torch.bool)
+        active[index] = self.active
+        self.active = active
+
+        def widen(probs: Tensor) -> Tensor:
+            out = probs.new_zeros((len(self.object_ids), *probs.shape[1:]))
+            out[index] = probs
+            return out
+
+        sources = {t: (img, widen(p)) for t, (img, p) in self._sources.items()}
+        if self._pending is not None:
+            t, img, p, _, keep = self._pending
+            self._pending = (t, img, widen(p), None, keep)
+        slots = list(self.bank.slots)
+        self.bank.clear()
+        self._sources = {}
+        for s in slots:
+            img, p = sources[s.t]
+            self._store(s.t, img, p, self.model.encode_memory(img, p), s.kind)
+
+    def add_reference(
+        self, t: int, image: Tensor, labels: np.ndarray, entry: MemoryEntry | None = None
+    ) -> None:
+        """Memorise frame ``t`` with a person's labels as permanent memory."""
+        ids = [int(i) for i in np.unique(labels) if i != 0]
+        self.ensure_objects(ids)
+        lab = torch.from_numpy(labels).to(self.device)
+        probs = from_labels(lab, self.object_ids, self.geo)
+        if entry is None:
+            entry = self._encode(image, probs)
+        self._store(t, image, probs, entry, "reference")
+        self.active |= torch.tensor([i in ids for i in self.object_ids], dtype=torch.bool)
+        self._pending = None
+        self._visit(t)
+
+    def preload_reference(self, t: int, image: Tensor, probs: Tensor, entry: MemoryEntry) -> None:
+        """A reference the pass has not reached yet: in memory, but its objects not yet active."""
+        self._store(t, image, probs, entry, "reference")
+
+    def activate(self, ids: list[int]) -> None:
+        self.active |= torch.tensor([i in ids for i in self.object_ids], dtype=torch.bool)
+
+    def segment(self, t: int, image: Tensor) -> tuple[Tensor, QueryFeatures]:
+        """Probabilities [N+1, Hp, Wp] of frame ``t`` from the memory (padded network size)."""
+        self._flush_pending()
+        self._visit(t)
+        n = len(self.object_ids)
+        with _autocast(self.device, self.config.amp):
+            query = self.model.encode_query(image)
+            keys, values = self.bank.tensors(t)
+            obj = self.model.segment(
+                query, keys.to(query.key.dtype), values.to(query.key.dtype), self.top_k
+            )
+        obj = obj.float() * self.active.to(obj.device, torch.float32)[:, None, None]
+        extra = max(0, OFFICIAL_SLOTS - 1 - n) if self.config.memory == "official" else 0
+        probs = torch.softmax(soft_aggregate(obj, extra_slots=extra), dim=0)[: n + 1]
+        return probs, query
+
+    def remember(
+        self, t: int, image: Tensor, probs: Tensor, query: QueryFeatures | None = None
+    ) -> None:
+        """Offer segmented frame ``t`` to the memory (written lazily, before the next read)."""
+        every = (self.steps - 1) % self.config.mem_every == 0
+        if self.config.memory == "official":
+            keep = every
+        else:
+            keep = every and confidence(probs) >= self.config.confidence_gate
+        self._pending = (t, image, probs[1:].contiguous(), query, keep)
+
+    def result(self, t: int, probs: Tensor) -> FrameResult:
+        assert self.geo is not None
+        full = from_network(probs[None], self.geo)[0]
+        cls = full.argmax(0).to(torch.uint8).cpu().numpy()
+        lut = np.array([0, *self.object_ids], dtype=np.uint8)
+        return FrameResult(t, lut[cls], False, probs, self.geo)
+
+    def reference_result(self, t: int, labels: np.ndarray) -> FrameResult:
+        lab = torch.from_numpy(labels)
+        probs = torch.cat([(lab == 0)[None].float(), one_hot(lab, self.object_ids)])
+        return FrameResult(t, labels.copy(), True, probs.numpy())
+
+    # -- internals ----------------------------------------------------------------------------
+    def _visit(self, t: int) -> None:
+        self.steps += 1
+        self._last_t = t
+
+    def _encode(self, image: Tensor, obj_probs: Tensor) -> MemoryEntry:
+        with _autocast(self.device, self.config.amp):
+            return self.model.encode_memory(image, obj_probs)
+
+    def _store(self, t: int, image: Tensor, probs: Tensor, entry: MemoryEntry, kind: str) -> None:
+        self.bank.add(t, entry, kind)  # type: ignore[arg-type]
+        # What each entry was made from, so new objects can be added later (streaming only).
+        if kind != "previous":
+            self._sources[t] = (image, probs)
+        live = set(self.bank.frames())
+        for old in [s for s in self._sources if s not in live]:
+            del self._sources[old]
+
+    def _flush_pending(self) -> None:
+        if self._pending is None:
+            return
+        t, image, probs, query, keep = self._pending
+        self._pending = None
+        with _autocast(self.device, self.config.amp):
+            entry = self.model.encode_memory(image, probs, query)
+        self.bank.add(t, entry, "previous")
+        if keep:
+            kind = "permanent" if self.config.memory == "official" else "working"
+            self.bank.promote_previous(kind)
+            self._sources[t] = (image, probs)
+
+
+def from_labels(labels: Tensor, ids: list[int], geo: Geometry | None) -> Tensor:
+    """Reference labels [H, W] -> object probabilities [N, Hp, Wp] at network size."""
+    from napari_stm.core.frames import to_network
+
+    masks = one_hot(labels, ids)[None]
+    if geo is not None:
+        masks = to_network(masks, geo, mode="area")
+    return masks[0]
+
+
+ProgressFn = Callable[[int, int], Any]
+
+
+class Propagator:
+    """A video, the frames a person annotated, and propagation between them.
+
+    >>> prop = Propagator(model, frames)
+    >>> prop.add_reference(0, labels0)
+    >>> for res in prop.propagate("forward"):
+    ...     save(res.t, res.labels)
+    """
+
+    def __init__(
+        self, model: VOSNetwork, frames: Any, config: PropagationConfig | None = None
+    ) -> None:
+        self.model = model
+        self.config = config or PropagationConfig()
+        self.reader = FrameReader(frames, self.config.normalize)
+        self.device = torch.device(self.config.device) if self.config.device else model.device
+        self.geo = make_geometry(self.reader.size, model.pad_multiple, self.config.max_side)
+        self.references: dict[int, np.ndarray] = {}
+        self._entries: dict[int, tuple[Tensor, Tensor, MemoryEntry]] = {}
+        self._entry_ids: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    @property
+    def object_ids(self) -> list[int]:
+        ids: set[int] = set()
+        for lab in self.references.values():
+            ids.update(int(i) for i in np.unique(lab) if i != 0)
+        return sorted(ids)
+
+    def add_reference(self, t: int, labels: Any) -> None:
+        """Labels a person drew on frame ``t``: permanent memory, returned exactly as given."""
+        if not isinstance(t, (int, np.integer)) or not 0 <= t < len(self.reader):
+            raise InputError(
+                f"reference frame {t} is outside the video (frames 0..{len(self.reader) - 1})"
+            )
+        self.references[int(t)] = check_labels(labels, self.reader.size, f"reference frame {t}")
+        self._entries.pop(int(t), None)
+
+    def remove_reference(self, t: int) -> None:
+        self.references.pop(t, None)
+        self._entries.pop(t, None)
+
+    # -- running ------------------------------------------------------------------------------
+    def reach(
+        self, direction: Direction, start: int | None = None, stop: int | None = None
+    ) -> set[int]:
+        """The frames ``propagate`` with these arguments yields."""
+        start, stop, refs = self._range(direction, start, stop)
+        return {
+            t
+            for p in self._plan(direction, refs, start, stop)
+            if p.mode != "store"
+            for t in p.frames
+        }
+
+    def _range(
+        self, direction: str, start: int | None, stop: int | None
+    ) -> tuple[int, int, list[int]]:
+        if direction not in ("forward", "backward", "both"):
+            raise InputError(f"direction must be forward, backward or both, not {direction!r}")
+        n = len(self.reader)
+        start = 0 if start is None else int(start)
+        stop = n if stop is None else int(stop)
+        if not 0 <= start < stop <= n:
+            raise InputError(f"start/stop {start}..{stop} do not fit a video of {n} frames")
+        if not self.references:
+            raise InputError("no reference frame: draw a mask on at least one frame")
+        refs = sorted(t for t in self.references if start <= t < stop)
+        if not refs:
+            raise InputError(
+                f"no reference frame between {start} and {stop - 1}: annotated frames are "
+                f"{sorted(self.references)}"
+            )
+        return start, stop, refs
+
+    def propagate(
+        self,
+        direction: Direction = "forward",
+        start: int | None = None,
+        stop: int | None = None,
+        progress: ProgressFn | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[FrameResult]:
+        """Yield every frame of [start, stop) that the direction reaches from the references.
+
+        forward: from the first reference on; backward: from the last reference back;
+        both: everything, frames between two references fused from both sides.
+        Cancelling (``cancel.set()``) stops after the frame being computed.
+        """
+        start, stop, refs = self._range(direction, start, stop)
+        plan = self._plan(direction, refs, start, stop)
+        total = sum(len(p.frames) - p.emit_from for p in plan if p.mode != "store")
+        done = 0
+        if progress is not None:
+            progress(0, total)
+        with torch.inference_mode():
+            self._encode_references()
+            stored: np.ndarray | None = None
+            for p in plan:
+                if p.mode == "store":
+                    stored = self._store_buffer(p.frames)
+                for i, res in enumerate(self._run_pass(p, stored, cancel)):
+                    if i >= p.emit_from:
+                        done += 1
+                        if progress is not None:
+                            progress(done, total)
+                        yield res
+                    if cancel is not None and cancel.is_set():
+                        return
+                if p.mode == "fused":
+                    stored = None
+
+    @staticmethod
+    def _plan(direction: Direction, refs: list[int], start: int, stop: int) -> list[Pass]:
+        """The passes a direction needs; each starts on a reference and yields each frame once."""
+        if direction == "forward":
+            return [Pass(list(range(refs[0], stop)))]
+        if direction == "backward":
+            return [Pass(list(range(refs[-1], start - 1, -1)))]
+        plan: list[Pass] = []
+        if refs[0] > start:
+            plan.append(Pass(list(range(refs[0], start - 1, -1))))
+        for a, b in zip(refs, refs[1:], strict=False):
+            if b - a > 1:
+                plan.append(Pass(list(range(b, a, -1)), mode="store", span=(a, b)))
+                plan.append(Pass(list(range(a, b)), mode="fused", span=(a, b)))
+            else:
+                plan.append(Pass([a]))
+        plan.append(Pass(list(range(refs[-1], stop))))
+        seen: set[int] = set()
+        for p in plan:
+            if p.mode != "store":
+                p.emit_from = 1 if p.frames[0] in seen else 0
+                seen.update(p.frames)
+        return plan
+
+    def _store_buffer(self, frames: list[int]) -> np.ndarray:
+        shape = (max(frames) + 1 - min(frames), len(self.object_ids) + 1, *self.geo.padded)
+        if int(np.prod(shape)) > SPILL_BYTES:
+            fd, path = tempfile.mkstemp(prefix="napari-stm-", suffix=".u8")
+            os.close(fd)
+            buf = np.memmap(path, dtype=np.uint8, mode="w+", shape=shape)
+            os.unlink(path)  # the mapping keeps the data alive; nothing is left on disk
+            return buf
+        return np.zeros(shape, np.uint8)
+
+    def _encode_references(self) -> None:
+        ids = self.object_ids
+        if ids != self._entry_ids:
+            self._entries.clear()
+            self._entry_ids = ids
+        for t, lab in self.references.items():
+            if t not in self._entries:
+                image = self.reader.tensor(t, self.geo, self.device)
+                probs = from_labels(torch.from_numpy(lab).to(self.device), ids, self.geo)
+                with _autocast(self.device, self.config.amp):
+                    entry = self.model.encode_memory(image, probs)
+                self._entries[t] = (image, probs, entry)
+
+    def _run_pass(
+        self, plan: Pass, stored: np.ndarray | None, cancel: threading.Event | None
+    ) -> Iterator[FrameResult]:
+        tracker = Tracker(self.model, self.config, self.object_ids)
+        tracker.geo = self.geo
+        for t, (image, probs, entry) in self._entries.items():
+            if t != plan.frames[0]:
+                tracker.preload_reference(t, image, probs, entry)
+        lo = min(plan.frames)
+        for t in plan.frames:
+            if cancel is not None and cancel.is_set():
+                return
+            if t in self.references:
+                image, _, entry = self._entries[t]
+                tracker.add_reference(t, image, self.references[t], entry)
+                if plan.mode != "store":
+                    yield tracker.reference_result(t, self.references[t])
+                continue
+            image = self.reader.tensor(t, self.geo, self.device)
+            probs, query = tracker.segment(t, image)
+            if plan.mode == "store":
+                assert stored is not None
+                stored[t - lo] = (probs * 255).round().to(torch.uint8).cpu().numpy()
+            elif plan.mode == "fused":
+                assert stored is not None
+                probs = self._fuse(t, probs, stored, plan.span)
+            # The fused probabilities are the better guess, so they are what gets memorised.
+            tracker.remember(t, image, probs, query)
+            if plan.mode != "store":
+                yield tracker.result(t, probs)
+
+    @staticmethod
+    def _fuse(t: int, forward: Tensor, stored: np.ndarray, span: tuple[int, int]) -> Tensor:
+        # Between references a and b each side is trusted in proportion to its closeness.
+        a, b = span
+        w_back = (t - a) / (b - a)
+        backward = torch.from_numpy(np.asarray(stored[t - a - 1])).to(forward) / 255.0
+        fused = (1 - w_back) * forward + w_back * backward
+        return fused / fused.sum(0, keepdim=True).clamp_min(1e-6)
+
+
+@dataclass
+class Pass:
+    """Frames one tracker walks, in order; the first is a reference."""
+
+    frames: list[int]
+    #: "plain": yield; "store": keep probabilities for a later fused pass; "fused": blend, yield
+    mode: Literal["plain", "store", "fused"] = "plain"
+    span: tuple[int, int] = (0, 0)
+    emit_from: int = 0

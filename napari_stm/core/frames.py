@@ -1,0 +1,223 @@
+"""Turning user frames (any dtype, gray or multichannel, any size) into network input.
+
+Frames come from numpy or dask arrays, or any object with ``len()`` and ``[t]`` returning one
+H x W or H x W x C frame; they are read one at a time, so a long video is never loaded whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from napari_stm.core.errors import InputError
+
+Normalize = Literal["auto", "percentile", "none"]
+
+#: robust intensity range for microscopy: ignores hot pixels and dark background noise
+PERCENTILES = (1.0, 99.8)
+#: frames sampled to estimate the percentiles of a whole video
+PERCENTILE_SAMPLES = 8
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a frame of ``size`` maps to the padded network input and back."""
+
+    size: tuple[int, int]  # H, W of the user's frames
+    inner: tuple[int, int]  # H, W after the optional max_side resize
+    pad: tuple[int, int, int, int]  # left, right, top, bottom (official STM split)
+
+    @property
+    def padded(self) -> tuple[int, int]:
+        return (
+            self.inner[0] + self.pad[2] + self.pad[3],
+            self.inner[1] + self.pad[0] + self.pad[1],
+        )
+
+    @property
+    def resized(self) -> bool:
+        return self.inner != self.size
+
+
+def geometry(size: tuple[int, int], multiple: int, max_side: int | None = None) -> Geometry:
+    h, w = size
+    if max_side is not None and max(h, w) > max_side:
+        s = max_side / max(h, w)
+        inner = (max(1, round(h * s)), max(1, round(w * s)))
+    else:
+        inner = (h, w)
+    ph = -inner[0] % multiple
+    pw = -inner[1] % multiple
+    # As the official code: the extra pixel of an odd padding goes to the bottom/right.
+    return Geometry((h, w), inner, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+
+
+def to_network(x: Tensor, geo: Geometry, mode: str = "bilinear") -> Tensor:
+    """[B, C, H, W] at user size -> resized and zero-padded network input."""
+    if geo.resized:
+        if mode == "bilinear":
+            x = F.interpolate(
+                x, size=geo.inner, mode="bilinear", align_corners=False, antialias=True
+            )
+        else:
+            x = F.interpolate(x, size=geo.inner, mode="area")
+    if any(geo.pad):
+        x = F.pad(x, geo.pad)
+    return x
+
+
+def from_network(x: Tensor, geo: Geometry) -> Tensor:
+    """[B, C, Hp, Wp] network output -> cropped and resized back to the user's frame size."""
+    left, right, top, bottom = geo.pad
+    x = x[..., top : x.shape[-2] - bottom, left : x.shape[-1] - right]
+    if geo.resized:
+        x = F.interpolate(x, size=geo.size, mode="bilinear", align_corners=False)
+    return x
+
+
+class FrameReader:
+    """Lazy access to user frames as float32 RGB in [0, 1]."""
+
+    def __init__(
+        self,
+        frames: Any,
+        normalize: Normalize = "auto",
+        intensity_range: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
+        if isinstance(frames, (str, bytes)) or not hasattr(frames, "__getitem__"):
+            raise InputError(
+                "frames must be an array (T x H x W or T x H x W x C) or a sequence of frames, "
+                f"not {type(frames).__name__}"
+            )
+        try:
+            n = len(frames)
+        except TypeError as err:
+            raise InputError("frames must have a length (number of frames)") from err
+        if n == 0:
+            raise InputError("there are no frames (the video is empty)")
+        if normalize not in ("auto", "percentile", "none"):
+            raise InputError(f"normalize must be 'auto', 'percentile' or 'none', not {normalize!r}")
+        self.frames = frames
+        self.normalize = normalize
+        first = self._raw(0)
+        self.size: tuple[int, int] = first.shape[:2]
+        self.channels = 1 if first.ndim == 2 else first.shape[2]
+        self.dtype = first.dtype
+        self._n = n
+        self._range = intensity_range
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _raw(self, t: int) -> np.ndarray:
+        try:
+            frame = np.asarray(self.frames[t])
+        except (IndexError, KeyError) as err:
+            raise InputError(f"frame {t} is missing") from err
+        except OSError as err:
+            raise InputError(f"frame {t} could not be read: {err}") from err
+        if frame.ndim == 3 and frame.shape[2] > 4 and frame.shape[0] <= 4:
+            raise InputError(
+                f"frame {t} has shape {frame.shape}: channels must be last (H x W x C)"
+            )
+        if frame.ndim not in (2, 3) or (frame.ndim == 3 and not 1 <= frame.shape[2] <= 4):
+            raise InputError(
+                f"frame {t} has shape {frame.shape}: expected H x W (gray) or H x W x C with "
+                "1 to 4 channels"
+            )
+        if frame.dtype.kind not in "uifb":
+            raise InputError(f"frame {t} has unsupported dtype {frame.dtype}")
+        if hasattr(self, "size") and frame.shape[:2] != self.size:
+            raise InputError(
+                f"frame {t} is {frame.shape[1]}x{frame.shape[0]} but frame 0 is "
+                f"{self.size[1]}x{self.size[0]}: all frames must have the same size"
+            )
+        return frame
+
+    @property
+    def needs_range(self) -> bool:
+        """Whether frames are scaled by percentiles rather than by their dtype's range."""
+        return self.normalize == "percentile" or (
+            self.normalize == "auto" and self.dtype not in (np.uint8, np.bool_)
+        )
+
+    @property
+    def intensity_range(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel (low, high) mapped to 0 and 1, from percentiles of sampled frames."""
+        if self._range is None:
+            idx = np.unique(np.linspace(0, self._n - 1, min(self._n, PERCENTILE_SAMPLES)).round())
+            samples = [_as_hwc(self._raw(int(t))).astype(np.float32) for t in idx]
+            stack = np.stack(samples).reshape(-1, samples[0].shape[-1])
+            lo, hi = np.percentile(stack, PERCENTILES, axis=0)
+            hi = np.where(hi > lo, hi, lo + 1)
+            self._range = (lo.astype(np.float32), hi.astype(np.float32))
+        return self._range
+
+    def read(self, t: int) -> np.ndarray:
+        """Frame ``t`` as H x W x 3 float32 in [0, 1]."""
+        if not 0 <= t < self._n:
+            raise InputError(f"frame {t} is outside the video (0..{self._n - 1})")
+        frame = _as_hwc(self._raw(t))
+        if frame.shape[-1] == 4:
+            frame = frame[..., :3]  # alpha carries no appearance
+        kind = frame.dtype
+        if self.needs_range:
+            lo, hi = self.intensity_range
+            lo, hi = lo[: frame.shape[-1]], hi[: frame.shape[-1]]
+            out = (frame.astype(np.float32) - lo) / (hi - lo)
+        elif kind == np.bool_:
+            out = frame.astype(np.float32)
+        elif kind.kind == "f":
+            out = frame.astype(np.float32)
+        else:
+            out = frame.astype(np.float32) / float(np.iinfo(kind).max)
+        out = np.clip(out, 0.0, 1.0, out=out)
+        return _to_three(out)
+
+    def tensor(self, t: int, geo: Geometry, device: torch.device) -> Tensor:
+        """Frame ``t`` as network input [1, 3, Hp, Wp] on ``device``."""
+        x = torch.from_numpy(np.ascontiguousarray(self.read(t).transpose(2, 0, 1)))
+        return to_network(x.unsqueeze(0).to(device), geo)
+
+
+def _as_hwc(frame: np.ndarray) -> np.ndarray:
+    return frame[..., None] if frame.ndim == 2 else frame
+
+
+def _to_three(frame: np.ndarray) -> np.ndarray:
+    c = frame.shape[-1]
+    if c == 3:
+        return frame
+    if c == 1:
+        return np.repeat(frame, 3, axis=-1)
+    # Two channels (e.g. two fluorescence markers) shown as red and green, as a viewer would.
+    return np.concatenate([frame, np.zeros_like(frame[..., :1])], axis=-1)
+
+
+def check_labels(labels: Any, size: tuple[int, int], where: str) -> np.ndarray:
+    """Validate a label image (0 = background, 1..255 object ids) of the frames' size."""
+    arr = np.asarray(labels)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 2:
+        raise InputError(f"{where}: labels must be a 2-D label image, got shape {arr.shape}")
+    if arr.shape != tuple(size):
+        raise InputError(
+            f"{where}: mask is {arr.shape[1]}x{arr.shape[0]} but the frames are {size[1]}x{size[0]}"
+        )
+    if arr.dtype.kind == "b":
+        arr = arr.astype(np.uint8)
+    if arr.dtype.kind == "f":
+        if not np.all(np.mod(arr, 1) == 0):
+            raise InputError(f"{where}: labels must be whole numbers (object ids)")
+    elif arr.dtype.kind not in "ui":
+        raise InputError(f"{where}: labels have unsupported dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+        bad = arr.max() if arr.max() > 255 else arr.min()
+        raise InputError(f"{where}: object id {int(bad)} is outside 0..255")
+    return arr.astype(np.uint8)

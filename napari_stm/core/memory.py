@@ -1,0 +1,195 @@
+"""The memory bank: which frames are kept, and the tensors the memory read sees.
+
+Policies:
+- ``official``: the paper's evaluation procedure. References and every ``mem_every``-th frame
+  of the pass are kept forever; the previous frame is a temporary entry. Memory grows with
+  the video.
+- ``bounded``: references are permanent; every ``mem_every``-th frame is written into a
+  working memory only when its prediction is confident (errors written into memory spread);
+  the previous frame is a temporary entry; the working memory is capped and forgets its oldest
+  entry first, so time and memory per frame stay flat however long the video.
+
+Entries live in one preallocated buffer per tensor, slot by slot, so a read is a view of the
+buffer's used prefix and no concatenation happens per frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from napari_stm.core.model import MemoryEntry
+
+Kind = Literal["reference", "permanent", "working", "previous"]
+
+
+@dataclass
+class Slot:
+    t: int
+    kind: Kind
+    #: when it was written: the working memory forgets the lowest first
+    seq: int = 0
+
+
+class MemoryBank:
+    """Memory entries of one propagation pass (or one tracking session)."""
+
+    def __init__(
+        self,
+        max_frames: int | None = None,
+        storage_dtype: torch.dtype | None = None,
+    ) -> None:
+        if max_frames is not None and max_frames < 2:
+            raise ValueError("max_frames must be at least 2 (a reference and the previous frame)")
+        self.max_frames = max_frames
+        self.storage_dtype = storage_dtype
+        self.slots: list[Slot] = []
+        self._seq = 0
+        self._keys: Tensor | None = None  # [Nk, Ck, S, hw]
+        self._values: Tensor | None = None  # [N, Cv, S, hw]
+        self._hw: tuple[int, int] | None = None
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        for buf in (self._keys, self._values):
+            if buf is not None:
+                total += buf.element_size() * buf.numel()
+        return total
+
+    def kinds(self) -> list[Kind]:
+        return [s.kind for s in self.slots]
+
+    def frames(self, kind: Kind | None = None) -> list[int]:
+        return [s.t for s in self.slots if kind is None or s.kind == kind]
+
+    def clear(self) -> None:
+        self.slots.clear()
+        self._keys = self._values = None
+        self._hw = None
+
+    # -- writing -----------------------------------------------------------------------------
+    def add(self, t: int, entry: MemoryEntry, kind: Kind) -> None:
+        """Store ``entry`` for frame ``t``; a previous-frame entry replaces the last one."""
+        if kind == "previous":
+            for i, s in enumerate(self.slots):
+                if s.kind == "previous":
+                    self._write(i, entry)
+                    self._seq += 1
+                    s.t, s.seq = t, self._seq
+                    return
+        else:
+            # A frame memorised again (e.g. a correction) replaces its older entry.
+            self._drop(lambda s: s.t == t and s.kind != "previous")
+        if kind == "working":
+            self._make_room_for_working()
+        self._write(len(self.slots), entry)
+        self._seq += 1
+        self.slots.append(Slot(t, kind, self._seq))
+
+    def promote_previous(self, kind: Kind = "permanent") -> None:
+        """Keep the temporary previous-frame entry (the every-N rule)."""
+        prev = next((s for s in self.slots if s.kind == "previous"), None)
+        if prev is None:
+            return
+        if kind == "working":
+            self._make_room_for_working()
+        prev.kind = kind
+
+    def _make_room_for_working(self) -> None:
+        if self.max_frames is None:
+            return
+        fixed = sum(1 for s in self.slots if s.kind in ("reference", "permanent"))
+        # References always stay; the working memory gets what is left after them and the
+        # previous frame, but never less than one entry.
+        budget = max(1, self.max_frames - 1 - min(fixed, self.max_frames - 2))
+        working = sorted((s for s in self.slots if s.kind == "working"), key=lambda s: s.seq)
+        while len(working) >= budget:
+            oldest = working.pop(0)
+            self._drop(lambda s, o=oldest: s is o)
+
+    def _drop(self, pred) -> None:  # noqa: ANN001 - a private predicate on slots
+        i = 0
+        while i < len(self.slots):
+            if pred(self.slots[i]):
+                last = len(self.slots) - 1
+                if i != last:
+                    # Keep used slots a contiguous prefix: move the last entry into the hole.
+                    self._copy_slot(last, i)
+                    self.slots[i] = self.slots[last]
+                self.slots.pop()
+            else:
+                i += 1
+
+    def _copy_slot(self, src: int, dst: int) -> None:
+        assert self._keys is not None and self._values is not None
+        self._keys[:, :, dst] = self._keys[:, :, src]
+        self._values[:, :, dst] = self._values[:, :, src]
+
+    def _write(self, slot: int, entry: MemoryEntry) -> None:
+        keys, values = entry.keys, entry.values
+        if keys.dim() != 4 or values.dim() != 4:
+            raise ValueError("memory entries are [Nk, Ck, h, w] keys and [N, Cv, h, w] values")
+        hw = tuple(keys.shape[-2:])
+        dtype = self.storage_dtype or keys.dtype
+        if self._keys is None:
+            self._hw = hw
+            cap = self.max_frames or 8
+            self._keys = keys.new_empty((*keys.shape[:2], cap, hw[0] * hw[1]), dtype=dtype)
+            self._values = values.new_empty((*values.shape[:2], cap, hw[0] * hw[1]), dtype=dtype)
+        elif (
+            hw != self._hw
+            or keys.shape[:2] != self._keys.shape[:2]
+            or (values.shape[:2] != self._values.shape[:2])
+        ):
+            raise ValueError(
+                f"memory entry of shape {tuple(keys.shape)} / {tuple(values.shape)} does not "
+                f"match the bank ({tuple(self._keys.shape)} / {tuple(self._values.shape)})"
+            )
+        if slot >= self._keys.shape[2]:
+            # Unbounded (official) memory grows by doubling, so appends stay amortised O(1).
+            self._keys = _grow(self._keys)
+            self._values = _grow(self._values)
+        self._keys[:, :, slot] = keys.flatten(2).to(dtype)
+        self._values[:, :, slot] = values.flatten(2).to(dtype)
+
+    # -- reading -----------------------------------------------------------------------------
+    def tensors(self, current_t: int | None = None) -> tuple[Tensor, Tensor]:
+        """Keys [Nk, Ck, M] and values [N, Cv, M] of the frames the next read should see.
+
+        When there are more references than the cap allows, the references nearest in time to
+        ``current_t`` are read; all of them stay stored.
+        """
+        if not self.slots or self._keys is None or self._values is None:
+            raise ValueError("the memory is empty: add a reference frame first")
+        n = len(self.slots)
+        keys, values = self._keys, self._values
+        if self.max_frames is not None and n > self.max_frames:
+            idx = self._selection(current_t)
+            sel = torch.tensor(idx, device=keys.device)
+            k = keys.index_select(2, sel)
+            v = values.index_select(2, sel)
+            return k.flatten(2), v.flatten(2)
+        return keys[:, :, :n].flatten(2), values[:, :, :n].flatten(2)
+
+    def _selection(self, current_t: int | None) -> list[int]:
+        assert self.max_frames is not None
+        others = [i for i, s in enumerate(self.slots) if s.kind not in ("reference", "permanent")]
+        fixed = [i for i, s in enumerate(self.slots) if s.kind in ("reference", "permanent")]
+        room = max(1, self.max_frames - len(others))
+        if current_t is not None:
+            fixed.sort(key=lambda i: abs(self.slots[i].t - current_t))
+        return sorted(fixed[:room] + others)
+
+
+def _grow(buf: Tensor) -> Tensor:
+    new = buf.new_empty((*buf.shape[:2], buf.shape[2] * 2, buf.shape[3]))
+    new[:, :, : buf.shape[2]] = buf
+    return new

@@ -1,0 +1,84 @@
+"""The contract between the propagation engine and every segmentation network.
+
+A network is a pure function of tensors. The engine owns all policy: which frames are memory,
+how objects are aggregated, padding and resizing. Images given to a network are float32
+[B, 3, H, W] RGB in [0, 1], with H and W multiples of ``pad_multiple``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class QueryFeatures:
+    """What a network computes once per frame and shares between all objects.
+
+    ``key`` is [1, Ck, h, w]; ``value`` the query's own value embedding or None; ``skips`` the
+    higher-resolution features the decoder needs; ``extra`` any other per-frame tensors (e.g.
+    backbone features the memory encoder can reuse).
+    """
+
+    key: Tensor
+    value: Tensor | None = None
+    skips: tuple[Tensor, ...] = ()
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class MemoryEntry:
+    """One memorised frame.
+
+    ``keys`` is [Nk, Ck, h, w] with Nk == 1 when keys do not depend on the masks (shared by all
+    objects) or Nk == N when they do (the official STM memory encoder sees the mask);
+    ``values`` is [N, Cv, h, w], one value map per object.
+    """
+
+    keys: Tensor
+    values: Tensor
+
+
+class VOSNetwork(nn.Module):
+    """Base class of the networks the engine drives."""
+
+    #: name in the model registry
+    name: str = ""
+    #: frames are padded to a multiple of this
+    pad_multiple: int = 16
+    #: top-k used by default in the memory read (None = dense softmax over all memory)
+    default_top_k: int | None = None
+
+    def encode_query(self, image: Tensor) -> QueryFeatures:
+        """Encode a query frame [1, 3, H, W]."""
+        raise NotImplementedError
+
+    def encode_memory(
+        self, image: Tensor, masks: Tensor, query: QueryFeatures | None = None
+    ) -> MemoryEntry:
+        """Encode a frame [1, 3, H, W] with per-object probabilities ``masks`` [N, H, W].
+
+        ``query`` is that frame's own query features when the engine already computed them,
+        so networks whose memory keys equal their query keys can skip the work.
+        """
+        raise NotImplementedError
+
+    def segment(
+        self,
+        query: QueryFeatures,
+        mem_keys: Tensor,
+        mem_values: Tensor,
+        top_k: int | None = None,
+    ) -> Tensor:
+        """Per-object foreground probabilities [N, H, W] of the query frame.
+
+        ``mem_keys`` is [Nk, Ck, M] and ``mem_values`` [N, Cv, M]: every memory frame's entries
+        flattened and concatenated along M = sum over frames of h * w.
+        """
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device

@@ -1,0 +1,563 @@
+"""The dock widget: paint a few frames of a Labels layer, press Propagate, get every frame.
+
+The widget translates layers into engine calls and nothing more: which frames are references
+and which it may write is decided by :mod:`._ledger`, how a layer's axes become frames by
+:mod:`._sequence`, and the segmentation by :class:`napari_stm.core.engine.Propagator`, run in a
+napari ``thread_worker``. Results come back to the main thread one whole frame at a time and are
+written there, so the GUI stays responsive and a cancelled run leaves only whole frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    Label,
+    LineEdit,
+    PushButton,
+    SpinBox,
+    create_widget,
+)
+from napari.layers import Image, Labels
+from napari.qt.threading import thread_worker
+from napari.utils import progress
+from napari.utils.notifications import show_error, show_info, show_warning
+
+from napari_stm.core.engine import PropagationConfig, Propagator
+from napari_stm.core.errors import CheckpointError, InputError
+from napari_stm.core.model import VOSNetwork
+from napari_stm.core.weights import available_models, load_model
+from napari_stm.napari import _ledger as ledger_mod
+from napari_stm.napari._ledger import Direction, FrameInfo, Overwrite, RunPlan, State
+from napari_stm.napari._sequence import LayerFrames, SequenceView, make_view
+
+if TYPE_CHECKING:
+    import napari
+
+logger = logging.getLogger(__name__)
+
+WHOLE = "whole stack"
+FROM_CURRENT = "from current frame"
+START_STOP = "start..stop"
+AUTO_DEVICE = "auto"
+
+
+def default_model() -> str:
+    """The trained small model when it is registered, else the one that needs no training."""
+    names = available_models()
+    return "stm-lite" if "stm-lite" in names else "lite0-match"
+
+
+def device_choices() -> list[str]:
+    import torch
+
+    choices = [AUTO_DEVICE, "cpu"]
+    if torch.cuda.is_available():
+        choices.append("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        choices.append("mps")
+    return choices
+
+
+@dataclass
+class Job:
+    """Everything a run needs, captured on the main thread before the worker starts."""
+
+    labels_layer: Labels
+    view: SequenceView
+    frames: LayerFrames
+    references: dict[int, np.ndarray]
+    plan: RunPlan
+    calls: list[tuple[int, int]]
+    direction: Direction
+    config: PropagationConfig
+    model_key: tuple[str, str, str]
+    run_id: str
+    #: content hash of each frame to write, as planned: a frame that differs when its result
+    #: arrives was painted during the run and is left alone
+    planned_hash: dict[int, str]
+    total: int
+
+
+@dataclass
+class UndoRecord:
+    """The frames one run changed, as they were before it, and the ledger before it."""
+
+    layer: weakref.ReferenceType
+    ledger_before: dict
+    #: key -> (labels index, frame before the run)
+    before: dict[str, tuple[tuple[int, ...], np.ndarray]] = field(default_factory=dict)
+    #: key -> hash of what the run wrote (a frame changed since is not restored)
+    written: dict[str, str] = field(default_factory=dict)
+
+
+class PropagateWidget(Container):
+    """Propagate the objects painted on some frames of a Labels layer to the other frames."""
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        super().__init__(labels=True)
+        self._viewer = viewer
+        self._image = create_widget(annotation=Image, label="image")
+        self._labels = create_widget(annotation=Labels, label="labels")
+        self._channel = SpinBox(label="channel", min=0, max=0, visible=False)
+        self._along_z = CheckBox(
+            text="treat 3D stack as a sequence along z",
+            tooltip="Propagate through z (the axis before Y, X) at the current time point, "
+            "for volume annotation, instead of through time at the current z.",
+        )
+        models = available_models()
+        self._model = ComboBox(
+            label="model",
+            choices=list(models),
+            value=default_model(),
+            tooltip="\n".join(f"{k}: {v}" for k, v in models.items()),
+        )
+        self._weights = LineEdit(
+            label="weights",
+            tooltip="Checkpoint path or http(s) URL (append #sha256=<hex> to pin a download). "
+            "Empty: the model's own weights. stm-resnet50 needs the official STM_weights.pth.",
+        )
+        self._device = ComboBox(label="device", choices=device_choices(), value=AUTO_DEVICE)
+        self._direction = ComboBox(
+            label="direction", choices=["both", "forward", "backward"], value="both"
+        )
+        self._range = ComboBox(label="frames", choices=[WHOLE, FROM_CURRENT, START_STOP])
+        self._start = SpinBox(label="start", min=0, max=0, visible=False)
+        self._stop = SpinBox(label="stop", min=0, max=0, visible=False)
+        self._mem_every = SpinBox(
+            label="memory every",
+            value=PropagationConfig.mem_every,
+            min=1,
+            max=1000,
+            tooltip="Keep a predicted frame in memory every N frames.",
+        )
+        self._max_memory = SpinBox(
+            label="memory cap",
+            value=PropagationConfig.max_memory,
+            min=2,
+            max=1000,
+            tooltip="Most frames the memory holds (painted frames and the previous frame "
+            "included): bounds time and memory per frame on long stacks.",
+        )
+        self._overwrite = ComboBox(
+            label="overwrite",
+            choices=[o.value for o in Overwrite],
+            value=Overwrite.OUTDATED.value,
+            tooltip="Painted frames are never overwritten. 'outdated predictions' are earlier "
+            "results next to a painted frame that changed since (or made with other settings).",
+        )
+        self._run_button = PushButton(text="Propagate")
+        self._cancel_button = PushButton(text="Cancel", enabled=False)
+        self._undo_button = PushButton(text="Undo last run", enabled=False)
+        self._status = Label(value="")
+        buttons = Container(
+            widgets=[self._run_button, self._cancel_button, self._undo_button],
+            layout="horizontal",
+            labels=False,
+        )
+        self.extend(
+            [
+                self._image,
+                self._labels,
+                self._channel,
+                self._along_z,
+                self._model,
+                self._weights,
+                self._device,
+                self._direction,
+                self._range,
+                self._start,
+                self._stop,
+                self._mem_every,
+                self._max_memory,
+                self._overwrite,
+                buttons,
+                self._status,
+            ]
+        )
+        self._run_button.changed.connect(self.run)
+        self._cancel_button.changed.connect(self.cancel)
+        self._undo_button.changed.connect(self.undo)
+        self._range.changed.connect(self._on_range)
+        for w in (self._image, self._labels, self._along_z):
+            w.changed.connect(self._update_layout)
+
+        self._models: dict[tuple[str, str, str], VOSNetwork] = {}
+        self._model_lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._worker: Any = None
+        self._job: Job | None = None
+        self._pbar: progress | None = None
+        self._undo: UndoRecord | None = None
+        self._pending_undo: UndoRecord | None = None
+        self._done = 0
+        self._error: str | None = None
+        #: frames the last run wrote, and those left alone because a person painted them mid-run
+        self.last_written: list[int] = []
+        self.last_skipped: list[int] = []
+        self.reset_choices()
+        self._update_layout()
+
+    # -- public API (buttons, tests) ----------------------------------------------------------
+    @property
+    def worker(self) -> Any:
+        """The running worker, or None."""
+        return self._worker
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None
+
+    def run(self) -> Any:
+        """Start a propagation run; returns its worker, or None when nothing was started."""
+        if self.running:
+            show_warning("napari-stm: a propagation is already running")
+            return None
+        try:
+            job = self._prepare()
+        except InputError as e:
+            show_error(f"napari-stm: {e}")
+            return None
+        if job is None:
+            return None
+        self._start_job(job)
+        return self._worker
+
+    def cancel(self) -> None:
+        """Stop after the frame being computed; frames written so far stay (whole frames)."""
+        if self.running:
+            self._cancel.set()
+            self._cancel_button.enabled = False
+            self._status.value = "cancelling..."
+
+    def undo(self) -> None:
+        """Put back the labels as they were before the last run."""
+        rec = self._undo
+        if rec is None or self.running:
+            return
+        layer = rec.layer()
+        if layer is None:
+            show_error("napari-stm: the labels layer of the last run no longer exists")
+            self._set_undo(None)
+            return
+        changed_since = []
+        for key, (idx, old) in rec.before.items():
+            if ledger_mod.frame_hash(layer.data[idx]) != rec.written.get(key):
+                changed_since.append(key)
+                continue
+            layer.data[idx] = old
+        layer.metadata[ledger_mod.METADATA_KEY] = ledger_mod.snapshot(rec.ledger_before)
+        layer.refresh()
+        self._set_undo(None)
+        if changed_since:
+            show_warning(
+                f"napari-stm: {len(changed_since)} frame(s) painted after the run were kept "
+                f"as they are: {', '.join(changed_since)}"
+            )
+        self._update_status()
+
+    # -- preparing a run ----------------------------------------------------------------------
+    def _layers(self) -> tuple[Image, Labels]:
+        image, labels = self._image.value, self._labels.value
+        if image is None:
+            raise InputError("choose an image layer (open an image or File > Open Sample)")
+        if labels is None:
+            raise InputError(
+                "choose a labels layer: add one (the 'new labels layer' button) and paint the "
+                "objects on at least one frame"
+            )
+        if labels.multiscale:
+            raise InputError("multiscale labels layers are not supported: use a single array")
+        if not isinstance(labels.data, np.ndarray):
+            raise InputError(
+                f"the labels layer holds a {type(labels.data).__name__}, not an in-memory "
+                "numpy array: napari-stm writes its results into it (load it with np.asarray)"
+            )
+        return image, labels
+
+    def _view(self, image: Image, labels: Labels) -> SequenceView:
+        data = image.data[0] if image.multiscale else image.data
+        position = image.world_to_data(self._viewer.dims.point)
+        return make_view(
+            data.shape,
+            bool(image.rgb),
+            labels.data.shape,
+            along_z=bool(self._along_z.value),
+            channel=int(self._channel.value),
+            position=[float(p) for p in position],
+        )
+
+    def _current_frame(self, image: Image, view: SequenceView) -> int:
+        position = image.world_to_data(self._viewer.dims.point)
+        t = int(round(float(position[view.seq_axis])))
+        return min(max(t, 0), view.n_frames - 1)
+
+    def _frame_range(self, image: Image, view: SequenceView, direction: str) -> tuple[int, int]:
+        n = view.n_frames
+        if self._range.value == FROM_CURRENT:
+            cur = self._current_frame(image, view)
+            if direction == "forward":
+                return cur, n - 1
+            if direction == "backward":
+                return 0, cur
+            return 0, n - 1
+        if self._range.value == START_STOP:
+            return int(self._start.value), int(self._stop.value)
+        return 0, n - 1
+
+    def _settings(self) -> tuple[str, str, str, PropagationConfig]:
+        name = str(self._model.value)
+        weights = str(self._weights.value or "").strip()
+        device = str(self._device.value)
+        config = PropagationConfig(
+            mem_every=int(self._mem_every.value),
+            max_memory=int(self._max_memory.value),
+            device=None if device == AUTO_DEVICE else device,
+        )
+        return name, weights, device, config
+
+    def _prepare(self) -> Job | None:
+        image, labels = self._layers()
+        view = self._view(image, labels)
+        direction: Direction = self._direction.value
+        name, weights, device, config = self._settings()
+        n = view.n_frames
+        keys = [view.frame_key(t) for t in range(n)]
+        frames = [labels.data[view.labels_index(t)] for t in range(n)]
+        ledger = ledger_mod.get_ledger(labels.metadata)
+        infos = ledger_mod.classify(frames, keys, ledger)
+        sig = ledger_mod.signature(
+            model=name,
+            weights=weights,
+            direction=direction,
+            mem_every=config.mem_every,
+            max_memory=config.max_memory,
+            memory=config.memory,
+            context=view.context_key(),
+        )
+        lo, hi = self._frame_range(image, view, direction)
+        plan = ledger_mod.plan_run(
+            infos, keys, ledger, direction, lo, hi, Overwrite(self._overwrite.value), sig
+        )
+        if not plan.write:
+            show_info(f"napari-stm: nothing to do in frames {lo}..{hi}: {_explain(plan)}")
+            self._update_status(infos)
+            return None
+        calls = ledger_mod.engine_calls(plan, direction, n)
+        references = set(plan.references)
+
+        before = ledger_mod.snapshot(ledger)
+        ledger_mod.prune(ledger, keys, infos)
+        run_id = ledger_mod.record_run(
+            ledger, sig, {keys[t]: infos[t].hash for t in plan.references}
+        )
+        self._pending_undo = UndoRecord(weakref.ref(labels), before)
+        data = image.data[0] if image.multiscale else image.data
+        return Job(
+            labels_layer=labels,
+            view=view,
+            frames=LayerFrames(data, view),
+            references={t: np.array(frames[t], copy=True) for t in plan.references},
+            plan=plan,
+            calls=calls,
+            direction=direction,
+            config=config,
+            model_key=(name, weights, device),
+            run_id=run_id,
+            planned_hash={t: infos[t].hash for t in plan.write},
+            total=sum(
+                1 for start, stop in calls for t in range(start, stop) if t not in references
+            ),
+        )
+
+    # -- running ------------------------------------------------------------------------------
+    def _get_model(self, key: tuple[str, str, str]) -> VOSNetwork:
+        # Called from the worker thread: loading can take seconds (or a download).
+        with self._model_lock:
+            if key not in self._models:
+                name, weights, device = key
+                self._models.clear()  # one model at a time: they can be large
+                self._models[key] = load_model(
+                    name, weights or None, None if device == AUTO_DEVICE else device
+                )
+            return self._models[key]
+
+    def _start_job(self, job: Job) -> None:
+        self._job = job
+        self._cancel = threading.Event()
+        self._done = 0
+        self._error = None
+        self.last_written, self.last_skipped = [], []
+        self._pbar = progress(total=job.total, desc="napari-stm: propagating")
+        worker = _propagate(self._get_model, job, self._cancel)
+        worker.yielded.connect(self._on_yielded)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self._run_button.enabled = False
+        self._undo_button.enabled = False
+        self._cancel_button.enabled = True
+        self._status.value = f"propagating {len(job.plan.write)} frame(s)..."
+        worker.start()
+
+    def _on_yielded(self, item: tuple) -> None:
+        job = self._job
+        if job is None:
+            return
+        if item[0] == "error":
+            self._error = item[1]
+            return
+        _, t, result = item
+        self._done += 1
+        if self._pbar is not None:
+            self._pbar.update(1)
+        if t not in job.planned_hash or t in self.last_written:
+            return
+        layer = job.labels_layer
+        idx = job.view.labels_index(t)
+        current = layer.data[idx]
+        if ledger_mod.frame_hash(current) != job.planned_hash[t]:
+            self.last_skipped.append(t)  # painted while the run was going: a person's frame
+            return
+        key = job.view.frame_key(t)
+        rec = self._pending_undo
+        if rec is not None and key not in rec.before:
+            rec.before[key] = (idx, current.copy())
+        layer.data[idx] = result
+        written = ledger_mod.frame_hash(layer.data[idx])
+        ledger_mod.record_write(ledger_mod.get_ledger(layer.metadata), key, written, job.run_id)
+        if rec is not None:
+            rec.written[key] = written
+        self.last_written.append(t)
+        layer.refresh()
+
+    def _on_finished(self) -> None:
+        job, self._job = self._job, None
+        self._worker = None
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self._run_button.enabled = True
+        self._cancel_button.enabled = False
+        rec, self._pending_undo = self._pending_undo, None
+        if rec is not None and rec.before:
+            self._set_undo(rec)
+        else:
+            self._set_undo(self._undo)
+        if self._error is not None:
+            show_error(f"napari-stm: {self._error}")
+        elif job is not None:
+            show_info(f"napari-stm: {self._summary(job)}")
+        self._update_status()
+
+    def _summary(self, job: Job) -> str:
+        n = len(self.last_written)
+        parts = [f"wrote {n} of {len(job.plan.write)} frame(s)"]
+        if self._cancel.is_set():
+            parts.append("cancelled (the frames written are complete)")
+        if self.last_skipped:
+            parts.append(f"left {len(self.last_skipped)} frame(s) painted during the run alone")
+        if job.plan.unreachable:
+            parts.append(
+                f"{len(job.plan.unreachable)} frame(s) have no painted frame on the "
+                f"{'left' if job.direction == 'forward' else 'right'} to start from"
+            )
+        return "; ".join(parts)
+
+    def _set_undo(self, rec: UndoRecord | None) -> None:
+        self._undo = rec
+        self._undo_button.enabled = rec is not None and not self.running
+
+    # -- layout and status --------------------------------------------------------------------
+    def _on_range(self, value: str) -> None:
+        self._start.visible = self._stop.visible = value == START_STOP
+
+    def _update_layout(self, *_: Any) -> None:
+        try:
+            image, labels = self._layers()
+            view = self._view(image, labels)
+        except InputError:
+            self._channel.visible = False
+            self._status.value = ""
+            return
+        if view.channel_axis is not None:
+            self._channel.max = view.image_shape[view.channel_axis] - 1
+            self._channel.visible = True
+        else:
+            self._channel.visible = False
+        last = view.n_frames - 1
+        self._start.max = self._stop.max = last
+        if self._stop.value == 0:
+            self._stop.value = last
+        self._update_status()
+
+    def _update_status(self, infos: list[FrameInfo] | None = None) -> None:
+        if infos is None:
+            try:
+                image, labels = self._layers()
+                view = self._view(image, labels)
+            except InputError:
+                return
+            keys = [view.frame_key(t) for t in range(view.n_frames)]
+            frames = (labels.data[view.labels_index(t)] for t in range(view.n_frames))
+            infos = ledger_mod.classify(frames, keys, ledger_mod.get_ledger(labels.metadata))
+        painted = [t for t, f in enumerate(infos) if f.state is State.PAINTED]
+        predicted = sum(f.state is State.PREDICTED for f in infos)
+        empty = sum(f.state is State.EMPTY for f in infos)
+        self._status.value = (
+            f"painted: {_short(painted)}\npredicted: {predicted}, empty: {empty} "
+            f"of {len(infos)} frames"
+        )
+
+
+def _short(frames: list[int], limit: int = 8) -> str:
+    if not frames:
+        return "none"
+    shown = ", ".join(map(str, frames[:limit]))
+    return shown + (f" ... ({len(frames)})" if len(frames) > limit else "")
+
+
+def _explain(plan: RunPlan) -> str:
+    if plan.unreachable:
+        return f"no painted frame to propagate from towards frames {_short(plan.unreachable)}"
+    if plan.kept:
+        return (
+            "every frame is painted or an up-to-date prediction (choose 'all predictions' "
+            "under overwrite to recompute them)"
+        )
+    return "every frame is painted"
+
+
+@thread_worker
+def _propagate(
+    get_model: Callable[[tuple[str, str, str]], VOSNetwork], job: Job, cancel: threading.Event
+) -> Iterator[tuple]:
+    """Runs in a worker thread: yields ("frame", t, labels) per computed frame, or
+    ("error", message) and stops; never raises, so the GUI shows one clear message."""
+    try:
+        model = get_model(job.model_key)
+        if cancel.is_set():
+            return
+        prop = Propagator(model, job.frames, job.config)
+        for t, labels in job.references.items():
+            prop.add_reference(t, labels)
+        for start, stop in job.calls:
+            for res in prop.propagate(job.direction, start, stop, cancel=cancel):
+                if not res.is_reference:
+                    yield ("frame", res.t, res.labels)
+            if cancel.is_set():
+                return
+    except (InputError, CheckpointError) as e:
+        yield ("error", str(e))
+    except Exception as e:  # anything else is a bug: keep the traceback in the log
+        logger.exception("napari-stm propagation failed")
+        yield ("error", f"propagation failed: {type(e).__name__}: {e}")
