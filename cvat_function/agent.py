@@ -62,7 +62,8 @@ class StmTrackingFunction:
         h, w = pp_image.shape[:2]
         # ShapeError (a ValueError) tells the agent the request was bad.
         mask = mask_from_shape(shape.type, list(shape.points), h, w)
-        tracker = Tracker(self.model, self.config)
+        # One object per state, known from the start: no need to keep memorised frames.
+        tracker = Tracker(self.model, self.config, keep_sources=False)
         tracker.step(pp_image, mask.astype(np.uint8) * OBJECT_ID)
         return TrackingState(tracker, shape.type)
 

@@ -13,14 +13,15 @@ Two stores:
   into Redis (or kvrocks, as in CVAT's serverless setup), so any worker or replica can serve
   any call. Expiry is Redis's (``EX`` on every write); memory is the server's business.
 
-What a Redis session holds: the memory bank tensors themselves (``torch.save`` of plain tensors
-and numbers, read back with ``weights_only=True``), not the frames and masks to rebuild it.
-Rebuilding would re-encode up to ``max_memory`` frames on every call (several times the work of
-one step) and lose the confidence-gated choice of working-memory frames; the tensors give the
-same masks as an in-process session, at the cost of moving the bank (a few MB) per call. The
-frame waiting to be written into memory is written before saving (the engine would write it at
-the start of the next read) so no query features need storing, and the per-frame sources the
-engine keeps for adding objects later are dropped: a session follows one object for its life.
+What a Redis session holds: the tracker's memory bank tensors themselves (``torch.save`` of
+plain tensors, numbers and strings, read back with ``weights_only=True``), not the frames and
+masks to rebuild it. Rebuilding would re-encode up to ``max_memory`` frames on every call
+(several times the work of one step) and lose the confidence-gated choice of working-memory
+frames; the tensors give the masks of an in-process session, at the cost of moving the bank (a
+few MB for a large frame) per call. The frame waiting to be written into memory is written
+before saving (the engine would write it at the start of the next read), so no query features
+are stored; the one difference this makes: when the next call is a correction, the frame before
+it stays in memory, where an in-process session would have dropped it.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ from napari_stm.core.model import VOSNetwork
 SESSION_ID_BYTES = 32
 #: bumped when the serialised layout changes; older sessions then read as expired
 FORMAT_VERSION = 1
+
+
+class StoreUnavailable(RuntimeError):
+    """The session store cannot be reached (Redis down, network split)."""
 
 
 class SessionNotFound(KeyError):
@@ -197,74 +202,100 @@ def _not_found(session_id: str) -> str:
 # --------------------------------------------------------------------------- serialisation
 
 
+#: engine classes a serialised tracker may contain (nothing else is ever rebuilt from Redis)
+_CLASSES = {cls.__name__: cls for cls in (MemoryBank, Slot, Geometry)}
+#: what a session restores from the handler instead of from storage
+_NOT_STORED = ("model", "config", "device")
+
+
+def new_tracker(model: VOSNetwork, config: PropagationConfig) -> Tracker:
+    """A tracker for one CVAT shape: its object is known from the start, so the engine need not
+    keep the frames it memorised (for adding objects later) next to the memory itself."""
+    return Tracker(model, config, keep_sources=False)
+
+
+def _pack(value: Any, where: str) -> Any:
+    """``value`` as plain containers, numbers, strings and CPU tensors (weights_only-safe)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(np.array(value))}
+    if isinstance(value, torch.dtype):
+        return {"__dtype__": str(value).removeprefix("torch.")}
+    if isinstance(value, list):
+        return [_pack(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, tuple):
+        return {"__tuple__": [_pack(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+    if isinstance(value, dict):
+        return {
+            "__items__": [[_pack(k, where), _pack(v, f"{where}[{k!r}]")] for k, v in value.items()]
+        }
+    name = type(value).__name__
+    if _CLASSES.get(name) is type(value):
+        buffers = ("_keys", "_values") if isinstance(value, MemoryBank) else ()
+        fields = {k: _pack(v, f"{where}.{k}") for k, v in vars(value).items() if k not in buffers}
+        if buffers:
+            # The buffers are preallocated; only the used slots carry information.
+            n = len(value.slots)
+            for key in buffers:
+                buf = getattr(value, key, None)
+                fields[key] = None
+                if isinstance(buf, torch.Tensor):
+                    used = buf[:, :, :n].detach().cpu().clone()
+                    fields[key] = {"__buffer__": used, "cap": buf.shape[2]}
+        return {"__object__": name, "fields": fields}
+    raise TypeError(f"cannot store a tracking session: {where} is a {type(value).__name__}")
+
+
+def _unpack(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, list):
+        return [_unpack(v, device) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__ndarray__" in value:
+        return value["__ndarray__"].numpy()
+    if "__dtype__" in value:
+        return getattr(torch, value["__dtype__"])
+    if "__tuple__" in value:
+        return tuple(_unpack(v, device) for v in value["__tuple__"])
+    if "__items__" in value:
+        return {_unpack(k, device): _unpack(v, device) for k, v in value["__items__"]}
+    if "__buffer__" in value:
+        used = value["__buffer__"].to(device)
+        buf = used.new_empty((*used.shape[:2], value["cap"], used.shape[3]))
+        buf[:, :, : used.shape[2]] = used
+        return buf
+    if "__object__" in value:
+        obj = object.__new__(_CLASSES[value["__object__"]])
+        obj.__dict__.update({k: _unpack(v, device) for k, v in value["fields"].items()})
+        return obj
+    raise ValueError(f"unrecognised stored value with keys {sorted(value)}")
+
+
 def tracker_state(tracker: Tracker) -> dict[str, Any]:
-    """A Tracker's memory as plain tensors and numbers (torch.save-able, weights_only-safe)."""
+    """A Tracker's memory as plain tensors and numbers (torch.save-able, weights_only-safe).
+
+    Every attribute but the model and the configuration is stored, so the session resumes where
+    it stopped; a type this module does not know fails loudly rather than being skipped.
+    """
     with torch.inference_mode():
         # Written now rather than at the start of the next read: same bank, no query features.
         tracker._flush_pending()
-    bank = tracker.bank
-    n = len(bank.slots)
-    geo = tracker.geo
-    keys = values = None
-    if bank._keys is not None and bank._values is not None:
-        keys = bank._keys[:, :, :n].detach().cpu().clone()
-        values = bank._values[:, :, :n].detach().cpu().clone()
-    intensity = None
-    if tracker._intensity is not None:
-        intensity = [torch.from_numpy(np.asarray(a)) for a in tracker._intensity]
-    return {
-        "version": FORMAT_VERSION,
-        "object_ids": list(tracker.object_ids),
-        "active": tracker.active.detach().cpu().clone(),
-        "geo": None if geo is None else [list(geo.size), list(geo.inner), list(geo.pad)],
-        "steps": tracker.steps,
-        "last_t": tracker._last_t,
-        "direction": tracker._direction,
-        "intensity": intensity,
-        "bank": {
-            "max_frames": bank.max_frames,
-            "storage_dtype": None if bank.storage_dtype is None else str(bank.storage_dtype),
-            "slots": [[s.t, s.kind, s.seq] for s in bank.slots],
-            "seq": bank._seq,
-            "hw": None if bank._hw is None else list(bank._hw),
-            "keys": keys,
-            "values": values,
-        },
-    }
+    attrs = {k: v for k, v in vars(tracker).items() if k not in _NOT_STORED}
+    return {"version": FORMAT_VERSION, "attrs": {k: _pack(v, k) for k, v in attrs.items()}}
 
 
 def restore_tracker(model: VOSNetwork, config: PropagationConfig, state: dict[str, Any]) -> Tracker:
     """Inverse of :func:`tracker_state`."""
     if state.get("version") != FORMAT_VERSION:
         raise ValueError(f"session format {state.get('version')!r}, expected {FORMAT_VERSION}")
-    tracker = Tracker(model, config, state["object_ids"])
-    device = tracker.device
-    tracker.active = state["active"].to(torch.bool)
-    if state["geo"] is not None:
-        size, inner, pad = state["geo"]
-        tracker.geo = Geometry(tuple(size), tuple(inner), tuple(pad))
-    tracker.steps = int(state["steps"])
-    tracker._last_t = state["last_t"]
-    tracker._direction = state["direction"]
-    if state["intensity"] is not None:
-        tracker._intensity = tuple(t.numpy() for t in state["intensity"])
-    b = state["bank"]
-    dtype = (
-        getattr(torch, b["storage_dtype"].removeprefix("torch.")) if b["storage_dtype"] else None
-    )
-    bank = MemoryBank(max_frames=b["max_frames"], storage_dtype=dtype)
-    bank.slots = [Slot(int(t), kind, int(seq)) for t, kind, seq in b["slots"]]
-    bank._seq = int(b["seq"])
-    bank._hw = None if b["hw"] is None else tuple(b["hw"])
-    if b["keys"] is not None:
-        n = len(bank.slots)
-        cap = max(n, bank.max_frames or 8)
-        for name in ("keys", "values"):
-            src = b[name].to(device)
-            buf = src.new_empty((*src.shape[:2], cap, src.shape[3]))
-            buf[:, :, :n] = src
-            setattr(bank, f"_{name}", buf)
-    tracker.bank = bank
+    tracker = new_tracker(model, config)
+    for name, value in state["attrs"].items():
+        setattr(tracker, name, _unpack(value, tracker.device))
     return tracker
 
 
@@ -310,13 +341,25 @@ class RedisSessionStore:
         self.ttl = max(1, int(ttl))
         self.prefix = prefix
 
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        import redis
+
+        try:
+            return getattr(self.client, method)(*args, **kwargs)
+        except redis.RedisError as e:
+            where = self.client.connection_pool.connection_kwargs
+            raise StoreUnavailable(
+                f"the session store (Redis at {where.get('host')}:{where.get('port')}) "
+                f"is unavailable: {e}"
+            ) from None
+
     def add(self, session: Session) -> str:
         session_id = new_session_id()
-        self.client.set(self.prefix + session_id, dumps_session(session), ex=self.ttl)
+        self._call("set", self.prefix + session_id, dumps_session(session), ex=self.ttl)
         return session_id
 
     def get(self, session_id: str) -> Session:
-        data = self.client.get(self.prefix + session_id)
+        data = self._call("get", self.prefix + session_id)
         if data is None:
             raise SessionNotFound(_not_found(session_id))
         try:
@@ -325,10 +368,10 @@ class RedisSessionStore:
             raise SessionNotFound(_not_found(session_id)) from None
 
     def save(self, session_id: str, session: Session) -> None:
-        self.client.set(self.prefix + session_id, dumps_session(session), ex=self.ttl)
+        self._call("set", self.prefix + session_id, dumps_session(session), ex=self.ttl)
 
     def delete(self, session_id: str) -> None:
-        self.client.delete(self.prefix + session_id)
+        self._call("delete", self.prefix + session_id)
 
 
 @dataclass
@@ -372,13 +415,21 @@ def make_store(
 ) -> SessionStore:
     """Redis when a host is configured, else the in-process store."""
     if settings.redis_host:
-        import redis
+        try:
+            import redis
+        except ImportError:
+            raise ImportError(
+                "CVAT_FUNCTIONS_REDIS_HOST is set but the redis package is missing: "
+                "pip install 'napari-stm[cvat]'"
+            ) from None
 
         client = redis.Redis(
             host=settings.redis_host,
             port=settings.redis_port,
             password=settings.redis_password,
             db=settings.redis_db,
+            socket_connect_timeout=5,
+            socket_timeout=30,
         )
         return RedisSessionStore(client, model, config, ttl=settings.ttl)
     return MemorySessionStore(

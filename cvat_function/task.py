@@ -16,6 +16,10 @@ Which shapes are whose:
   Ungrouped shapes of a label are one object across frames when each annotated frame holds one
   of them; several ungrouped shapes of a label on one frame are separate objects when that is
   the label's only annotated frame, and an error otherwise (which is which would be a guess).
+- A frame where an object is drawn is a reference for that object only: fixing one object on
+  a frame says nothing about the others there. Objects drawn on the same frames propagate
+  together (one engine run per distinct set of frames).
+- Only shapes are read and created; tracks are left alone.
 """
 
 from __future__ import annotations
@@ -149,6 +153,8 @@ def connect(url: str, creds: Any, org: str | None = None) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``fill-task`` from parsed arguments; the exit status."""
+    import urllib3
+    from cvat_sdk.core.exceptions import CvatSdkException
     from cvat_sdk.exceptions import ApiException
 
     from napari_stm.core.weights import load_model
@@ -179,8 +185,12 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    except (OSError, ValueError) as e:  # unreachable server, malformed URL
-        print(f"napari-stm cvat fill-task: cannot reach {args.url}: {e}", file=sys.stderr)
+    except CvatSdkException as e:  # e.g. a malformed URL
+        print(f"napari-stm cvat fill-task: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, urllib3.exceptions.HTTPError) as e:
+        reason = getattr(e, "reason", None) or e
+        print(f"napari-stm cvat fill-task: cannot reach {args.url}: {reason}", file=sys.stderr)
         return 1
     print(report.summary())
     return 0
@@ -220,13 +230,18 @@ class FillReport:
         )
 
 
+def type_of(shape: Any) -> str:
+    """A shape's type as text (cvat-sdk models hold a ShapeType, not a str)."""
+    return str(getattr(shape.type, "value", shape.type))
+
+
 def is_ours(shape: Any) -> bool:
     """Whether a CVAT shape was created by fill-task."""
     group = getattr(shape, "group", None) or 0
     return (
         getattr(shape, "source", None) == SOURCE
         and GROUP_BASE < group <= GROUP_BASE + MAX_OBJECTS
-        and shape.type in SUPPORTED_TYPES
+        and type_of(shape) in SUPPORTED_TYPES
     )
 
 
@@ -364,7 +379,7 @@ def fill_task(
         s
         for s in shapes
         if not is_ours(s)
-        and s.type in SUPPORTED_TYPES
+        and type_of(s) in SUPPORTED_TYPES
         and not getattr(s, "outside", False)
         and first <= s.frame <= last
         and s.frame not in deleted
@@ -384,28 +399,25 @@ def fill_task(
         raise FillTaskError(f"{len(ids)} objects; fill-task handles at most {MAX_OBJECTS} per run")
     label_of = {i: obj.label_id for obj, i in ids.items()}
 
-    by_frame: dict[int, list[Any]] = defaultdict(list)
+    masks: dict[int, np.ndarray] = {}
     for s in refs:
-        by_frame[s.frame].append(s)
-    prop = Propagator(model, TaskFrames(task, n), config)
-    if prop.reader.size != (height, width):
-        raise FillTaskError(
-            f"frame 0 downloads as {prop.reader.size[1]}x{prop.reader.size[0]} but the task "
-            f"says {width}x{height}"
-        )
-    for t, frame_shapes in sorted(by_frame.items()):
-        lab = np.zeros((height, width), np.uint8)
-        # Later-drawn (higher z) shapes cover earlier ones, as CVAT draws them.
-        for s in sorted(frame_shapes, key=lambda s: (s.z_order or 0, s.id)):
-            try:
-                mask = mask_from_shape(s.type, list(s.points), height, width)
-            except ShapeError as e:
-                raise FillTaskError(f"shape #{s.id} on frame {t}: {e}") from None
-            lab[mask] = ids[objects[s.id]]
-        prop.add_reference(t, lab)
+        try:
+            masks[s.id] = mask_from_shape(type_of(s), list(s.points), height, width)
+        except ShapeError as e:
+            raise FillTaskError(f"shape #{s.id} on frame {s.frame}: {e}") from None
+    # The engine takes an annotated frame as complete: an object not drawn there is absent
+    # there. A person who fixes one object on a frame says nothing about the others, so objects
+    # run together only when they were drawn on the same frames.
+    drawn_on: dict[int, set[int]] = defaultdict(set)
+    for s in refs:
+        drawn_on[ids[objects[s.id]]].add(s.frame)
+    runs: dict[frozenset[int], list[int]] = defaultdict(list)
+    for obj, frames_of_obj in sorted(drawn_on.items()):
+        runs[frozenset(frames_of_obj)].append(obj)
 
+    source = TaskFrames(task, n)
     created = 0
-    filled = 0
+    filled: set[int] = set()
     pending: list[Any] = []
 
     def upload() -> None:
@@ -418,39 +430,54 @@ def fill_task(
             created += len(pending)
             pending.clear()
 
-    frames_in_batch = 0
     with tqdm(
-        total=last + 1 - first, unit="frame", desc=f"task {task_id}", disable=not progress
+        total=len(runs) * (last + 1 - first),
+        unit="frame",
+        desc=f"task {task_id}",
+        disable=not progress,
     ) as bar:
-        for res in prop.propagate("both", start=first, stop=last + 1):
-            bar.update(1)
-            if res.is_reference or res.t in deleted:
-                continue
-            for obj in np.unique(res.labels):
-                if obj == 0:
-                    continue
-                points = shape_points(shape_type, res.labels == obj)
-                if points is None:
-                    continue
-                pending.append(
-                    models.LabeledShapeRequest(
-                        type=shape_type,
-                        frame=int(res.t),
-                        label_id=label_of[int(obj)],
-                        points=[float(p) for p in points],
-                        group=GROUP_BASE + int(obj),
-                        source=SOURCE,
-                        occluded=False,
-                        z_order=0,
-                        attributes=[],
-                    )
+        for ref_frames, run_objects in runs.items():
+            prop = Propagator(model, source, config)
+            if prop.reader.size != (height, width):
+                raise FillTaskError(
+                    f"frame 0 downloads as {prop.reader.size[1]}x{prop.reader.size[0]} but "
+                    f"the task says {width}x{height}"
                 )
-            filled += 1
-            frames_in_batch += 1
-            if frames_in_batch >= batch:
-                upload()
-                frames_in_batch = 0
-        upload()
+            for t in sorted(ref_frames):
+                lab = np.zeros((height, width), np.uint8)
+                # Higher z shapes cover lower ones, as CVAT draws them.
+                on_t = [s for s in refs if s.frame == t and ids[objects[s.id]] in run_objects]
+                for s in sorted(on_t, key=lambda s: (s.z_order or 0, s.id)):
+                    lab[masks[s.id]] = ids[objects[s.id]]
+                prop.add_reference(t, lab)
+            frames_in_batch = 0
+            for res in prop.propagate("both", start=first, stop=last + 1):
+                bar.update(1)
+                if res.is_reference or res.t in deleted:
+                    continue
+                for obj in run_objects:
+                    points = shape_points(shape_type, res.labels == obj)
+                    if points is None:
+                        continue
+                    pending.append(
+                        models.LabeledShapeRequest(
+                            type=shape_type,
+                            frame=int(res.t),
+                            label_id=label_of[obj],
+                            points=[float(p) for p in points],
+                            group=GROUP_BASE + obj,
+                            source=SOURCE,
+                            occluded=False,
+                            z_order=0,
+                            attributes=[],
+                        )
+                    )
+                    filled.add(int(res.t))
+                frames_in_batch += 1
+                if frames_in_batch >= batch:
+                    upload()
+                    frames_in_batch = 0
+            upload()
 
     removed = 0
     if ours:
@@ -462,4 +489,5 @@ def fill_task(
             action=AnnotationUpdateAction.DELETE,
         )
         removed = len(ours)
-    return FillReport(task_id, len(ids), sorted(by_frame), filled, created, removed)
+    references = sorted({s.frame for s in refs})
+    return FillReport(task_id, len(ids), references, len(filled), created, removed)

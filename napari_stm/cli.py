@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the models")
 
+    from napari_stm.train import cli as train_cli
+
+    train_cli.add_arguments(
+        sub.add_parser("train", help="train stm-lite (two stages, as the paper)")
+    )
+
     cvat = sub.add_parser("cvat", help="CVAT tools")
     cvat_sub = cvat.add_subparsers(dest="cvat_command", required=True)
     fill = cvat_sub.add_parser("fill-task", help="fill masks across a whole CVAT task")
@@ -145,6 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from napari_stm import evaluation
 
             return evaluation.run(args)
+        if args.command == "train":
+            from napari_stm.train import cli as train_cli
+
+            return train_cli.run(args)
         if args.command == "models":
             from napari_stm.core.weights import available_models
 

@@ -253,6 +253,10 @@ def _prediction_file(folder: Path, stem: str, sequence: str) -> Path:
 # --------------------------------------------------------------------------- scoring
 
 
+def _ids(labels: np.ndarray) -> list[int]:
+    return np.flatnonzero(np.bincount(labels.ravel(), minlength=256)).tolist()
+
+
 def _evaluate_sequence(
     name: str, gt_dir: Path, pred_dir: Path, all_frames: bool, skipped: list[str]
 ) -> list[ObjectScore]:
@@ -260,8 +264,8 @@ def _evaluate_sequence(
     gt = [read_label_image(p) for p in gt_files]
     first_seen: dict[int, int] = {}
     for k, labels in enumerate(gt):
-        for obj in np.unique(labels):
-            first_seen.setdefault(int(obj), k)
+        for obj in _ids(labels):
+            first_seen.setdefault(obj, k)
     first_seen.pop(0, None)
     if not first_seen:
         skipped.append(f"sequence '{name}' has no objects in its ground truth; not scored")
@@ -280,7 +284,7 @@ def _evaluate_sequence(
                 f"{pred.shape[1]}x{pred.shape[0]} but the ground truth is "
                 f"{gt[k].shape[1]}x{gt[k].shape[0]}"
             )
-        extra = sorted(set(np.unique(pred).tolist()) - set(first_seen) - {0})
+        extra = sorted(set(_ids(pred)) - set(first_seen) - {0})
         if extra:
             raise InputError(
                 f"sequence '{name}', frame '{stem}': the prediction contains object id(s) "

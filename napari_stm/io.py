@@ -274,8 +274,9 @@ def _describe_shape(shape: tuple[int, ...]) -> str:
 class VideoSource(FrameSource):
     """A video file decoded by ffmpeg (imageio-ffmpeg), frame by frame.
 
-    Forward reads stream from the open decoder; a jump backwards restarts it with a seek,
-    which imageio's ffmpeg reader does exactly (by frame index, not by time guess).
+    Forward reads stream from the open decoder; a jump backwards makes imageio's ffmpeg
+    reader restart at that frame's time stamp (index / fps: exact for constant frame rate
+    videos, which is what cameras and screen recorders write).
     """
 
     kind = "video"
@@ -318,74 +319,98 @@ class VideoSource(FrameSource):
 
 
 class TiffStackSource(FrameSource):
-    """A multi-page TIFF read page by page (memory-mapped when stored uncompressed)."""
+    """A multi-page TIFF read frame by frame: memory-mapped when stored uncompressed, else
+    page by page; only layouts that pack several frames into one compressed page (rare) are
+    decoded whole, on the first read.
+    """
 
     kind = "tiff"
 
     def __init__(self, path: Path) -> None:
         self._tif: tifffile.TiffFile | None = None
-        self._memmap: np.ndarray | None = None
+        self._array: np.ndarray | None = None
         try:
             tif = tifffile.TiffFile(path)
-        except (OSError, ValueError, tifffile.TiffFileError) as err:
+            series = tif.series[0]
+            shape, axes = tuple(series.shape), series.axes
+            planar_rgb = series.keyframe.photometric == tifffile.PHOTOMETRIC.RGB
+            n_pages = len(series.pages)
+        except (OSError, ValueError, IndexError, tifffile.TiffFileError) as err:
             raise InputError(f"cannot read TIFF '{path}': {err}") from err
         self._tif = tif
         self.path = path
-        series = tif.series[0]
-        shape, axes = tuple(series.shape), series.axes
-        n_frames, frame_shape, self._channel_pages = self._layout(path, shape, axes)
-        stored = shape if len(shape) > len(frame_shape) or self._channel_pages else (1, *shape)
+        n_frames, per_frame, self._channel_first = self._layout(path, shape, axes, planar_rgb)
+        self._stored = (n_frames, *per_frame)
+        self._pages_per_frame = n_pages // n_frames if n_pages % n_frames == 0 else 0
         try:
-            # Uncompressed contiguous data maps straight from disk: no read until indexed.
+            # Uncompressed contiguous data maps straight from disk: nothing read until indexed.
             mapped = tifffile.memmap(path, mode="r")
-            if mapped.size == int(np.prod(stored)):
-                self._memmap = mapped.reshape(stored)
+            if mapped.size == int(np.prod(self._stored)):
+                self._array = mapped.reshape(self._stored)
         except (ValueError, OSError, tifffile.TiffFileError):
-            self._memmap = None
+            self._array = None
+        if self._channel_first:
+            frame_shape = (per_frame[1], per_frame[2], 3)
+        elif len(per_frame) == 3:
+            frame_shape = (per_frame[0], per_frame[1], 3)
+        else:
+            frame_shape = per_frame
         super().__init__(path, [f"{t:05d}" for t in range(n_frames)], frame_shape, series.dtype)
 
     @staticmethod
-    def _layout(path: Path, shape: tuple[int, ...], axes: str) -> tuple[int, tuple, int]:
-        """(frames, frame shape, channel planes per frame stored as separate pages)."""
-        rgb = axes.endswith("S") and shape[-1] in (3, 4)
-        spatial = 3 if rgb else 2
-        lead, lead_axes = shape[:-spatial], axes[:-spatial]
-        frame = tuple(shape[-spatial:])
-        if rgb:
-            frame = (*frame[:2], 3)
-        if len(lead) == 0:
-            return 1, frame, 0
-        if len(lead) == 1:
-            return lead[0], frame, 0
-        if len(lead) == 2 and "C" in lead_axes and not rgb and lead[lead_axes.index("C")] in (3, 4):
-            if lead_axes.index("C") != 1:
-                raise InputError(
-                    f"TIFF '{path}' stores channels before time (axes {axes}); "
-                    "save it as T x H x W x C or T x C x H x W"
-                )
-            return lead[0], (*frame, 3), lead[1]
-        raise InputError(
+    def _layout(
+        path: Path, shape: tuple[int, ...], axes: str, planar_rgb: bool
+    ) -> tuple[int, tuple[int, ...], bool]:
+        """(frames, stored shape of one frame, whether its channels come before Y and X)."""
+        problem = InputError(
             f"TIFF '{path}' has shape {shape} with axes {axes}; expected a stack of frames "
-            "T x H x W or T x H x W x C (one time axis)"
+            "T x H x W or T x H x W x C with 3 or 4 channels"
         )
+        if len(shape) < 2 or not axes.endswith(("YX", "YXS")):
+            raise problem
+        # Singleton axes (ImageJ's Z=1, C=1 ...) carry no layout information.
+        dims = [(a, n) for a, n in zip(axes, shape, strict=True) if n > 1 or a in "YX"]
+        channels_last = dims[-1][0] == "S" and dims[-1][1] in (3, 4)
+        if dims[-1][0] == "S" and not channels_last:
+            raise problem
+        spatial = dims[-3:] if channels_last else dims[-2:]
+        lead = dims[: len(dims) - len(spatial)]
+        channel_first = bool(
+            lead
+            and lead[-1][1] in (3, 4)
+            and (lead[-1][0] == "C" or (lead[-1][0] == "S" and planar_rgb))
+        )
+        if channel_first:
+            lead = lead[:-1]
+        if len(lead) > 1:
+            raise problem
+        n_frames = lead[0][1] if lead else 1
+        per_frame = tuple(n for _, n in spatial)
+        if channel_first:
+            per_frame = (dims[len(lead)][1], *per_frame)
+        return n_frames, per_frame, channel_first
 
     def _read(self, t: int) -> np.ndarray:
-        if self._memmap is not None:
-            frame = np.asarray(self._memmap[t])
-            if self._channel_pages:
-                frame = np.moveaxis(frame, 0, -1)
-            return np.array(frame[..., :3] if frame.ndim == 3 else frame)
-        c = self._channel_pages
-        pages = list(range(t * c, t * c + c)) if c else [t]
-        if self._tif is None:
-            self._tif = tifffile.TiffFile(self.path)
         try:
-            frame = _read_tiff_pages(self.path, pages, self._tif)
+            if self._array is None and not self._pages_per_frame:
+                self._array = np.asarray(self._handle().series[0].asarray()).reshape(self._stored)
+            if self._array is not None:
+                frame = np.array(self._array[t])
+            else:
+                k = self._pages_per_frame
+                pages = list(range(t * k, t * k + k))
+                frame = _read_tiff_pages(self.path, pages, self._handle())
+                frame = frame.reshape(self._stored[1:])
         except (OSError, ValueError, IndexError, tifffile.TiffFileError) as err:
             raise InputError(f"cannot read frame {t} of TIFF '{self.path}': {err}") from err
-        if c:
-            return np.ascontiguousarray(np.moveaxis(frame, 0, -1)[..., :3])
-        return frame[..., :3] if frame.ndim == 3 else frame
+        if self._channel_first:
+            frame = np.moveaxis(frame, 0, -1)
+        return np.ascontiguousarray(frame[..., :3] if frame.ndim == 3 else frame)
+
+    def _handle(self) -> tifffile.TiffFile:
+        if self._tif is None:
+            self._tif = tifffile.TiffFile(self.path)
+        return self._tif
 
     def close(self) -> None:
         with self._lock:

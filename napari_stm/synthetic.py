@@ -179,8 +179,9 @@ def make_clip(
     the frame at the end.
     """
     _check_size(n_frames, height, width)
-    if not 1 <= n_objects <= 254 - int(late_object):
-        raise ValueError(f"n_objects must be between 1 and 253, got {n_objects}")
+    most = 255 - int(late_object)  # ids must fit in uint8 labels
+    if not 1 <= n_objects <= most:
+        raise ValueError(f"n_objects must be between 1 and {most}, got {n_objects}")
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     rng = np.random.default_rng(seed)

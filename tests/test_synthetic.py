@@ -101,3 +101,21 @@ def test_timelapse_cells_move_and_one_divides():
     assert np.linalg.norm(c1 - c0) > 1
     again = make_timelapse(n_frames=n, height=96, width=96, n_cells=cells, seed=0)
     assert np.array_equal(again[0], frames) and np.array_equal(again[1], labels)
+
+
+def test_bundled_sample_clip():
+    from pathlib import Path
+
+    from PIL import Image
+
+    import napari_stm
+
+    root = Path(napari_stm.__file__).parent / "data" / "sample_clip"
+    frames = sorted((root / "frames").glob("*.jpg"))
+    assert [p.name for p in frames[:2]] == ["00000.jpg", "00001.jpg"] and len(frames) == 24
+    first = Image.open(frames[0])
+    mask = Image.open(root / "masks" / "00000.png")
+    assert first.mode == "RGB" and mask.mode == "P" and mask.size == first.size
+    assert set(np.unique(np.asarray(mask))) == {0, 1, 2, 3}
+    assert mask.getpalette()[3:9] == [128, 0, 0, 0, 128, 0]  # the DAVIS colours
+    assert sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) < 600 * 1024

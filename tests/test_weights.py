@@ -366,10 +366,15 @@ class _Server:
         self.thread.join()
 
 
-@pytest.fixture
-def server(monkeypatch):
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch):
+    """urllib honours proxy variables; requests to 127.0.0.1 must not leave the machine."""
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def server():
     srv = _Server()
     yield srv
     srv.close()

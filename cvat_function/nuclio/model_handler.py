@@ -32,7 +32,9 @@ from cvat_function.sessions import (
     SessionNotFound,
     SessionStore,
     StoreSettings,
+    StoreUnavailable,
     make_store,
+    new_tracker,
 )
 from cvat_function.shapes import SUPPORTED_TYPES, ShapeError, mask_from_shape, shape_points
 from napari_stm.core.engine import PropagationConfig, Tracker
@@ -49,6 +51,7 @@ NOT_FOUND = 404
 CONFLICT = 409
 UNPROCESSABLE = 422
 INTERNAL = 500
+UNAVAILABLE = 503
 
 
 class RequestError(Exception):
@@ -80,6 +83,8 @@ class HandlerSettings:
     def from_env(cls, env: dict[str, str] | None = None) -> HandlerSettings:
         env = dict(os.environ if env is None else env)
         max_side = env.get("NAPARI_STM_MAX_SIDE") or None
+        if max_side is not None and not max_side.isdigit():
+            raise ValueError(f"NAPARI_STM_MAX_SIDE={max_side!r} is not a number of pixels")
         return cls(
             model=env.get("NAPARI_STM_MODEL") or None,
             weights=env.get("NAPARI_STM_WEIGHTS") or None,
@@ -138,6 +143,9 @@ class ModelHandler:
             return 200, self.infer(parse_body(body))
         except RequestError as e:
             return e.status, {"error": e.message}
+        except StoreUnavailable as e:
+            self.logger.error(str(e))
+            return UNAVAILABLE, {"error": str(e)}
         except Exception as e:  # a bug must not take the worker and its sessions down
             self.logger.error(f"tracker failed: {traceback.format_exc()}")
             return INTERNAL, {"error": f"internal error while tracking: {type(e).__name__}: {e}"}
@@ -245,7 +253,7 @@ class ModelHandler:
     def _run(self, op: _Op, image: np.ndarray, created: list[str]) -> tuple[dict | None, dict]:
         if op.kind == "start":
             assert op.mask is not None and op.shape_type is not None
-            tracker = Tracker(self.model, self.config)
+            tracker = new_tracker(self.model, self.config)
             _step(tracker, image, op.mask)
             session = Session(tracker, op.shape_type, tuple(image.shape[:2]))
             session_id = self.store.add(session)
@@ -348,8 +356,12 @@ def decode_image(data: Any) -> np.ndarray:
     try:
         with PIL.Image.open(io.BytesIO(raw)) as im:
             rgb = np.asarray(im.convert("RGB"))
-    except (PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError) as e:
-        raise RequestError(BAD_REQUEST, f"'image' cannot be decoded as an image: {e}") from None
+    except PIL.UnidentifiedImageError:
+        raise RequestError(
+            BAD_REQUEST, "'image' cannot be decoded as an image (no image format recognised)"
+        ) from None
+    except PIL.Image.DecompressionBombError as e:
+        raise RequestError(BAD_REQUEST, f"'image' is too large: {e}") from None
     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt files
         raise RequestError(BAD_REQUEST, f"'image' is a damaged image file: {e}") from None
     return rgb

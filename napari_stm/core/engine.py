@@ -139,6 +139,7 @@ class Tracker:
         model: VOSNetwork,
         config: PropagationConfig | None = None,
         object_ids: list[int] | None = None,
+        keep_sources: bool = True,
     ) -> None:
         self.model = model
         self.config = config or PropagationConfig()
@@ -155,14 +156,20 @@ class Tracker:
         self.steps = 0  # frames seen since the pass started
         self._pending: tuple[int, Tensor, Tensor, QueryFeatures | None, bool] | None = None
         self._sources: dict[int, tuple[Tensor, Tensor]] = {}
+        # What each memory entry was made from, so objects that appear later can be added to
+        # it. A caller that knows every object up front (Propagator) saves that memory.
+        self._keep_sources = keep_sources
         self._intensity: tuple[np.ndarray, np.ndarray] | None = None
         self._direction = 0
         self._last_t: int | None = None
+        self._referenced = False
 
     # -- introspection ------------------------------------------------------------------------
     @property
     def memory_frames(self) -> int:
-        return len(self.bank) + (self._pending is not None)
+        # A pending frame takes the place of the previous-frame entry when it is written.
+        replaces = "previous" in self.bank.kinds()
+        return len(self.bank) + (self._pending is not None and not replaces)
 
     @property
     def memory_nbytes(self) -> int:
@@ -203,7 +210,7 @@ class Tracker:
                 self.add_reference(t, image, lab)
                 result = self.reference_result(t, lab)
             else:
-                if not len(self.bank) and self._pending is None:
+                if not self._referenced:
                     raise InputError("no reference yet: the first frame needs a mask")
                 probs, query = self.segment(t, image)
                 self.remember(t, image, probs, query)
@@ -232,27 +239,41 @@ class Tracker:
         if self._pending is not None:
             t, img, p, _, keep = self._pending
             self._pending = (t, img, widen(p), None, keep)
-        slots = list(self.bank.slots)
+        if not self._keep_sources:
+            if len(self.bank):
+                raise RuntimeError("this tracker keeps no sources: pass every object id up front")
+            return
+        # Re-added oldest first, so the working memory still forgets in the order it learnt.
+        slots = sorted(self.bank.slots, key=lambda s: s.seq)
         self.bank.clear()
         self._sources = {}
         for s in slots:
             img, p = sources[s.t]
-            self._store(s.t, img, p, self.model.encode_memory(img, p), s.kind)
+            self._store(s.t, img, p, self._encode(img, p), s.kind)
 
     def add_reference(
         self, t: int, image: Tensor, labels: np.ndarray, entry: MemoryEntry | None = None
     ) -> None:
         """Memorise frame ``t`` with a person's labels as permanent memory."""
         ids = [int(i) for i in np.unique(labels) if i != 0]
+        known = {i for i, on in zip(self.object_ids, self.active.tolist(), strict=True) if on}
+        if set(ids) - known:
+            # Frames memorised before an object was tracked hold it as background, also where
+            # it was already visible; read beside its first mask they would contradict it.
+            # Only references, which a person drew in full, stay.
+            self.bank.discard(("working", "previous", "permanent"))
         self.ensure_objects(ids)
+        self._pending = None
+        self._visit(t)
+        self._referenced = True
+        if not self.object_ids:
+            return  # no object drawn yet: nothing to memorise
         lab = torch.from_numpy(labels).to(self.device)
         probs = from_labels(lab, self.object_ids, self.geo)
         if entry is None:
             entry = self._encode(image, probs)
         self._store(t, image, probs, entry, "reference")
         self.active |= torch.tensor([i in ids for i in self.object_ids], dtype=torch.bool)
-        self._pending = None
-        self._visit(t)
 
     def preload_reference(self, t: int, image: Tensor, probs: Tensor, entry: MemoryEntry) -> None:
         """A reference the pass has not reached yet: in memory, but its objects not yet active."""
@@ -266,6 +287,9 @@ class Tracker:
         self._flush_pending()
         self._visit(t)
         n = len(self.object_ids)
+        if n == 0:
+            # Nothing to track (references without objects): every pixel is background.
+            return image.new_ones((1, *image.shape[-2:])), QueryFeatures(key=image[:, :0])
         with _autocast(self.device, self.config.amp):
             query = self.model.encode_query(image)
             keys, values = self.bank.tensors(t)
@@ -281,6 +305,8 @@ class Tracker:
         self, t: int, image: Tensor, probs: Tensor, query: QueryFeatures | None = None
     ) -> None:
         """Offer segmented frame ``t`` to the memory (written lazily, before the next read)."""
+        if not self.object_ids:
+            return
         every = (self.steps - 1) % self.config.mem_every == 0
         if self.config.memory == "official":
             keep = every
@@ -293,7 +319,8 @@ class Tracker:
         full = from_network(probs[None], self.geo)[0]
         cls = full.argmax(0).to(torch.uint8).cpu().numpy()
         lut = np.array([0, *self.object_ids], dtype=np.uint8)
-        return FrameResult(t, lut[cls], False, probs, self.geo)
+        # Held off the accelerator: a caller keeping every result must not fill GPU memory.
+        return FrameResult(t, lut[cls], False, probs.cpu(), self.geo)
 
     def reference_result(self, t: int, labels: np.ndarray) -> FrameResult:
         lab = torch.from_numpy(labels)
@@ -311,8 +338,10 @@ class Tracker:
 
     def _store(self, t: int, image: Tensor, probs: Tensor, entry: MemoryEntry, kind: str) -> None:
         self.bank.add(t, entry, kind)  # type: ignore[arg-type]
-        # What each entry was made from, so new objects can be added later (streaming only).
-        if kind != "previous":
+        self._keep_source(t, image, probs)
+
+    def _keep_source(self, t: int, image: Tensor, probs: Tensor) -> None:
+        if self._keep_sources:
             self._sources[t] = (image, probs)
         live = set(self.bank.frames())
         for old in [s for s in self._sources if s not in live]:
@@ -329,7 +358,7 @@ class Tracker:
         if keep:
             kind = "permanent" if self.config.memory == "official" else "working"
             self.bank.promote_previous(kind)
-            self._sources[t] = (image, probs)
+        self._keep_source(t, image, probs)
 
 
 def from_labels(labels: Tensor, ids: list[int], geo: Geometry | None) -> Tensor:
@@ -435,29 +464,44 @@ class Propagator:
         forward: from the first reference on; backward: from the last reference back;
         both: everything, frames between two references fused from both sides.
         Cancelling (``cancel.set()``) stops after the frame being computed.
+        Bad arguments raise :class:`InputError` here, before the first frame is asked for.
         """
         start, stop, refs = self._range(direction, start, stop)
+        if not self.object_ids:
+            raise InputError(
+                f"the reference masks (frames {sorted(self.references)}) contain no object: "
+                "paint at least one object id (1..255)"
+            )
         plan = self._plan(direction, refs, start, stop)
+        return self._propagate(plan, progress, cancel)
+
+    # Decorated rather than a ``with`` block inside: a generator holding inference mode
+    # across ``yield`` would also switch it on in the caller's code between frames.
+    @torch.inference_mode()
+    def _propagate(
+        self, plan: list[Pass], progress: ProgressFn | None, cancel: threading.Event | None
+    ) -> Iterator[FrameResult]:
         total = sum(len(p.frames) - p.emit_from for p in plan if p.mode != "store")
         done = 0
         if progress is not None:
             progress(0, total)
-        with torch.inference_mode():
-            self._encode_references()
-            stored: np.ndarray | None = None
-            for p in plan:
-                if p.mode == "store":
-                    stored = self._store_buffer(p.frames)
-                for i, res in enumerate(self._run_pass(p, stored, cancel)):
-                    if i >= p.emit_from:
-                        done += 1
-                        if progress is not None:
-                            progress(done, total)
-                        yield res
-                    if cancel is not None and cancel.is_set():
-                        return
-                if p.mode == "fused":
-                    stored = None
+        self._encode_references()
+        stored: np.ndarray | None = None
+        for p in plan:
+            if cancel is not None and cancel.is_set():
+                return
+            if p.mode == "store":
+                stored = self._store_buffer(p.frames)
+            for i, res in enumerate(self._run_pass(p, stored, cancel)):
+                if i >= p.emit_from:
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
+                    yield res
+                if cancel is not None and cancel.is_set():
+                    return
+            if p.mode == "fused":
+                stored = None
 
     @staticmethod
     def _plan(direction: Direction, refs: list[int], start: int, stop: int) -> list[Pass]:
@@ -509,7 +553,7 @@ class Propagator:
     def _run_pass(
         self, plan: Pass, stored: np.ndarray | None, cancel: threading.Event | None
     ) -> Iterator[FrameResult]:
-        tracker = Tracker(self.model, self.config, self.object_ids)
+        tracker = Tracker(self.model, self.config, self.object_ids, keep_sources=False)
         tracker.geo = self.geo
         for t, (image, probs, entry) in self._entries.items():
             if t != plan.frames[0]:
@@ -531,19 +575,42 @@ class Propagator:
                 stored[t - lo] = (probs * 255).round().to(torch.uint8).cpu().numpy()
             elif plan.mode == "fused":
                 assert stored is not None
-                probs = self._fuse(t, probs, stored, plan.span)
+                probs = self._fuse(t, probs, stored, plan.span, self._sides(plan.span))
             # The fused probabilities are the better guess, so they are what gets memorised.
             tracker.remember(t, image, probs, query)
             if plan.mode != "store":
                 yield tracker.result(t, probs)
 
+    def _sides(self, span: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Which objects the forward (from a) and backward (from b) side of a span track."""
+        ids = self.object_ids
+        a, b = span
+        return (
+            torch.tensor([i in self.references[a] for i in ids]),
+            torch.tensor([i in self.references[b] for i in ids]),
+        )
+
     @staticmethod
-    def _fuse(t: int, forward: Tensor, stored: np.ndarray, span: tuple[int, int]) -> Tensor:
+    def _fuse(
+        t: int,
+        forward: Tensor,
+        stored: np.ndarray,
+        span: tuple[int, int],
+        sides: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
         # Between references a and b each side is trusted in proportion to its closeness.
         a, b = span
         w_back = (t - a) / (b - a)
         backward = torch.from_numpy(np.asarray(stored[t - a - 1])).to(forward) / 255.0
-        fused = (1 - w_back) * forward + w_back * backward
+        w = torch.full((forward.shape[0], 1, 1), w_back, dtype=forward.dtype)
+        if sides is not None:
+            # An object drawn on only one of the two references is unknown to the other side
+            # (not absent): its probability comes from the side that tracks it.
+            fwd, back = sides
+            w[1:][back & ~fwd] = 1.0
+            w[1:][fwd & ~back] = 0.0
+        w = w.to(forward.device)
+        fused = (1 - w) * forward + w * backward
         return fused / fused.sum(0, keepdim=True).clamp_min(1e-6)
 
 

@@ -117,10 +117,13 @@ class FrameReader:
     def _raw(self, t: int) -> np.ndarray:
         try:
             frame = np.asarray(self.frames[t])
+        except InputError:
+            raise
         except (IndexError, KeyError) as err:
             raise InputError(f"frame {t} is missing") from err
-        except OSError as err:
-            raise InputError(f"frame {t} could not be read: {err}") from err
+        except (OSError, ValueError, RuntimeError) as err:
+            # Readers report a corrupt file or failed decode through any of these.
+            raise InputError(f"frame {t} could not be read: {type(err).__name__}: {err}") from err
         if frame.ndim == 3 and frame.shape[2] > 4 and frame.shape[0] <= 4:
             raise InputError(
                 f"frame {t} has shape {frame.shape}: channels must be last (H x W x C)"

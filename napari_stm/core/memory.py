@@ -103,6 +103,10 @@ class MemoryBank:
             self._make_room_for_working()
         prev.kind = kind
 
+    def discard(self, kinds: tuple[Kind, ...]) -> None:
+        """Forget every entry of these kinds."""
+        self._drop(lambda s: s.kind in kinds)
+
     def _make_room_for_working(self) -> None:
         if self.max_frames is None:
             return

@@ -9,6 +9,7 @@ written there, so the GUI stays responsive and a cancelled run leaves only whole
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 import weakref
@@ -35,8 +36,9 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from napari_stm.core.engine import PropagationConfig, Propagator
 from napari_stm.core.errors import CheckpointError, InputError
 from napari_stm.core.model import VOSNetwork
-from napari_stm.core.weights import available_models, load_model
+from napari_stm.core.weights import available_models, get_spec, load_model
 from napari_stm.napari import _ledger as ledger_mod
+from napari_stm.napari._gl_compat import import_triton_safely
 from napari_stm.napari._ledger import Direction, FrameInfo, Overwrite, RunPlan, State
 from napari_stm.napari._sequence import LayerFrames, SequenceView, make_view
 
@@ -353,6 +355,14 @@ class PropagateWidget(Container):
             show_info(f"napari-stm: nothing to do in frames {lo}..{hi}: {_explain(plan)}")
             self._update_status(infos)
             return None
+        for t in plan.references:
+            top = int(frames[t].max())
+            if top > 255 or int(frames[t].min()) < 0:
+                raise InputError(
+                    f"frame {t} of the labels layer holds label "
+                    f"{top if top > 255 else int(frames[t].min())}: objects must be numbered "
+                    "1 to 255"
+                )
         calls = ledger_mod.engine_calls(plan, direction, n)
         references = set(plan.references)
 
@@ -393,6 +403,7 @@ class PropagateWidget(Container):
             return self._models[key]
 
     def _start_job(self, job: Job) -> None:
+        _import_model_code(job.model_key[0])
         self._job = job
         self._cancel = threading.Event()
         self._done = 0
@@ -423,6 +434,11 @@ class PropagateWidget(Container):
         if t not in job.planned_hash or t in self.last_written:
             return
         layer = job.labels_layer
+        if getattr(layer.data, "shape", None) != job.view.labels_shape:
+            # The layer's data was replaced during the run: its frames are not ours to write.
+            self._error = "the labels layer's data changed shape during the run: stopped"
+            self._cancel.set()
+            return
         idx = job.view.labels_index(t)
         current = layer.data[idx]
         if ledger_mod.frame_hash(current) != job.planned_hash[t]:
@@ -438,7 +454,17 @@ class PropagateWidget(Container):
         if rec is not None:
             rec.written[key] = written
         self.last_written.append(t)
-        layer.refresh()
+        if self._shows(layer, idx):
+            layer.refresh()
+
+    def _shows(self, layer: Labels, idx: tuple[int, ...]) -> bool:
+        """Whether the frame at ``idx`` is on screen (re-slicing a big layer for a frame
+        nobody sees would slow the run down); when unsure, yes."""
+        dims = self._viewer.dims
+        if dims.ndisplay != 2 or tuple(dims.displayed)[-2:] != (dims.ndim - 2, dims.ndim - 1):
+            return True
+        position = layer.world_to_data(dims.point)
+        return all(int(round(float(p))) == i for p, i in zip(position, idx, strict=False))
 
     def _on_finished(self) -> None:
         job, self._job = self._job, None
@@ -448,6 +474,8 @@ class PropagateWidget(Container):
             self._pbar = None
         self._run_button.enabled = True
         self._cancel_button.enabled = False
+        if job is not None and self.last_written:
+            job.labels_layer.refresh()  # the thumbnail and any frame not refreshed on the way
         rec, self._pending_undo = self._pending_undo, None
         if rec is not None and rec.before:
             self._set_undo(rec)
@@ -517,6 +545,21 @@ class PropagateWidget(Container):
             f"painted: {_short(painted)}\npredicted: {predicted}, empty: {empty} "
             f"of {len(infos)} frames"
         )
+
+
+def _import_model_code(name: str) -> None:
+    """Import the network's modules on the main thread, Triton first (see _gl_compat), so
+    the worker thread only builds the model."""
+    import_triton_safely()
+    try:
+        factory = get_spec(name).factory
+    except CheckpointError:
+        return  # an unknown name: the worker reports it
+    if isinstance(factory, str):
+        try:
+            importlib.import_module(factory.split(":")[0])
+        except ImportError:
+            return  # load_model names the missing module in its error
 
 
 def _short(frames: list[int], limit: int = 8) -> str:

@@ -1,0 +1,289 @@
+"""``stm-lite``: the STM design on an ImageNet EfficientNet-Lite0, small enough for a laptop CPU.
+
+What differs from the paper's ResNet-50 STM, and why:
+
+- One image encoder (Lite0 up to stride 16) serves query and memory frames. Keys come from its
+  stride-16 features plus its stride-8 features pooled to stride 16 (STCN-style key sharing): a
+  frame's memory key *is* its query key, so memorising a segmented frame costs no second pass
+  through the image encoder and keys never depend on (possibly wrong) masks.
+- Keys are unit vectors and the affinity is their cosine times a learned scale: the negative
+  squared L2 distance of STCN on the unit sphere (``-|q - k|^2 = 2 q.k - 2``), so no memory
+  key wins by its norm alone. The scale is bounded (at most :data:`MAX_SCALE`), which keeps the
+  spread of affinities under 80: softmax weights then never fall into float32's denormal range,
+  where CPU arithmetic runs 10-20x slower (unbounded L2 affinities did exactly that).
+- A light value encoder: a few strided convolutions over the frame and the two masks (this object,
+  the other objects), fused with the Lite0 stride-8 and stride-16 features. The last value channel
+  is the object's coverage of each stride-16 cell, so the read-out carries a matched soft mask.
+- The decoder is STM's (refinement modules with stride-8 and stride-4 skips) at lighter widths; the
+  skip branches depend only on the frame, so they run once per frame, not once per object. Its
+  output adds to the logit of the read-out's soft mask, so the decoder learns a refinement.
+
+Batched use (training): ``encode_query`` takes [B, 3, H, W]; ``encode_memory`` masks [B, N, H, W];
+``segment`` memory keys [B, Ck, M] and values [B, N, Cv, M] and returns [B, N, H, W]. With B = 1 and
+the engine's 3-D shapes this is exactly the :class:`VOSNetwork` contract.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from napari_stm.core.backbones import LITE0_FEATURE_BLOCKS, efficientnet_lite0, lite0_normalize
+from napari_stm.core.errors import InputError
+from napari_stm.core.model import MemoryEntry, QueryFeatures, VOSNetwork
+from napari_stm.core.network import ResBlock
+from napari_stm.core.readout import memory_read
+
+#: Lite0 channels at strides 4, 8 and 16
+C4, C8, C16 = 24, 40, 112
+KEY_DIM = 64
+VALUE_DIM = 256
+#: channels of the decoder at strides 16, 8 and 4
+DECODER_DIMS = (128, 64, 32)
+#: bound of the affinity scale: cosines span 2, so affinities span at most 2 * MAX_SCALE < 87
+MAX_SCALE = 40.0
+#: initial affinity scale (lite0-match's cosine temperature of 0.05)
+INITIAL_SCALE = 20.0
+#: the read-out's soft mask is clamped to this before its logit is taken
+PRIOR_EPS = 0.01
+
+
+class Bottleneck(nn.Module):
+    """Pre-activation residual bottleneck (1x1 down, 3x3, 1x1 up): wide but cheap."""
+
+    def __init__(self, dim: int, inner: int) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(dim, inner, 1)
+        self.conv = nn.Conv2d(inner, inner, 3, padding=1)
+        self.expand = nn.Conv2d(inner, dim, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        r = self.reduce(F.relu(x))
+        r = self.conv(F.relu(r))
+        return x + self.expand(F.relu(r))
+
+
+class ValueEncoder(nn.Module):
+    """Frame + object mask + other objects' mask -> value map at stride 16.
+
+    The frame's own pixels enter through one convolution computed once per frame; the masks
+    through another computed per object; the sum is what a single convolution over the
+    five-channel stack would give (as in the official STM memory encoder).
+    """
+
+    def __init__(self, value_dim: int = VALUE_DIM) -> None:
+        super().__init__()
+        self.stem_image = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.stem_masks = nn.Conv2d(2, 16, 3, stride=2, padding=1, bias=False)
+        self.down4 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.down8 = nn.Conv2d(32, 64, 3, stride=2, padding=1)
+        self.down16 = nn.Conv2d(64 + C8, 128, 3, stride=2, padding=1)
+        self.fuse = nn.Conv2d(128 + C16, value_dim - 1, 1)
+        self.block = Bottleneck(value_dim - 1, 64)
+
+    def forward(
+        self, image: Tensor, masks: Tensor, others: Tensor, f8: Tensor, f16: Tensor
+    ) -> Tensor:
+        """image [B, 3, H, W] (normalised), masks/others [B, N, H, W], f8/f16 [B, C, h, w]
+        -> values [B, N, Cv, H/16, W/16]."""
+        b, n = masks.shape[:2]
+        stack = torch.stack([masks, others], dim=2).flatten(0, 1)  # [B*N, 2, H, W]
+        x = self.stem_masks(stack) + self.stem_image(image).repeat_interleave(n, dim=0)
+        x = F.relu(x)
+        x = F.relu(self.down4(x))
+        x = F.relu(self.down8(x))
+        x = F.relu(self.down16(torch.cat([x, f8.repeat_interleave(n, dim=0)], dim=1)))
+        x = self.fuse(torch.cat([x, f16.repeat_interleave(n, dim=0)], dim=1))
+        x = self.block(x)
+        # How much of each stride-16 cell the object covers: the read-out then carries a
+        # matched soft mask the decoder can start from.
+        coverage = F.avg_pool2d(masks.flatten(0, 1)[:, None], 16)
+        values = torch.cat([x, coverage.to(x.dtype)], dim=1)
+        return values.unflatten(0, (b, n))
+
+
+class Refine(nn.Module):
+    """STM's refinement module with separate skip and decoder widths."""
+
+    def __init__(self, skip_dim: int, coarse_dim: int, dim: int) -> None:
+        super().__init__()
+        self.convFS = nn.Conv2d(skip_dim, dim, 3, padding=1)
+        self.ResFS = ResBlock(dim, dim)
+        self.compress = nn.Conv2d(coarse_dim, dim, 1)
+        self.ResMM = ResBlock(dim, dim)
+
+    def skip(self, f: Tensor) -> Tensor:
+        """The part that depends on the frame only: computed once for all objects."""
+        return self.ResFS(self.convFS(f))
+
+    def forward(self, skip: Tensor, coarse: Tensor) -> Tensor:
+        up = F.interpolate(
+            self.compress(coarse), size=skip.shape[-2:], mode="bilinear", align_corners=False
+        )
+        return self.ResMM(skip + up)
+
+
+class Decoder(nn.Module):
+    """Read-out and query features at stride 16, skips at 8 and 4 -> one logit per pixel."""
+
+    def __init__(self, value_dim: int = VALUE_DIM, dims: tuple[int, int, int] = DECODER_DIMS):
+        super().__init__()
+        d16, d8, d4 = dims
+        self.convFM = nn.Conv2d(value_dim + C16, d16, 1)
+        self.ResMM = ResBlock(d16, d16)
+        self.RF3 = Refine(C8, d16, d8)
+        self.RF2 = Refine(C4, d8, d4)
+        self.pred = nn.Conv2d(d4, 1, 3, padding=1)
+        # Zero at the start: the model's first prediction is the read-out's matched mask.
+        nn.init.zeros_(self.pred.weight)
+        nn.init.zeros_(self.pred.bias)
+        self.prior_gain = nn.Parameter(torch.ones(()))
+
+    def forward(self, read: Tensor, f16: Tensor, skip8: Tensor, skip4: Tensor, n: int) -> Tensor:
+        """read [B*N, Cv, h, w]; f16, skip8, skip4 per frame [B, ...] -> logits [B*N, 1, 4h, 4w]."""
+        m16 = self.ResMM(self.convFM(torch.cat([read, f16.repeat_interleave(n, dim=0)], dim=1)))
+        m8 = self.RF3(skip8.repeat_interleave(n, dim=0), m16)
+        m4 = self.RF2(skip4.repeat_interleave(n, dim=0), m8)
+        prior = read[:, -1:].float().clamp(PRIOR_EPS, 1 - PRIOR_EPS)
+        prior = F.interpolate(
+            torch.log(prior / (1 - prior)), size=m4.shape[-2:], mode="bilinear", align_corners=False
+        )
+        return self.pred(F.relu(m4)) + self.prior_gain * prior.to(m4.dtype)
+
+
+class STMLite(VOSNetwork):
+    """Space-time memory network on EfficientNet-Lite0 (see the module docstring).
+
+    ``pretrained`` loads the ImageNet Lite0 weights into the image encoder (the start of
+    training); a trained ``stm-lite`` checkpoint holds the encoder too, so loading one needs no
+    ImageNet file.
+    """
+
+    name = "stm-lite"
+    pad_multiple = 16
+    default_top_k: int | None = None
+
+    def __init__(
+        self,
+        pretrained: bool = False,
+        key_dim: int = KEY_DIM,
+        value_dim: int = VALUE_DIM,
+    ) -> None:
+        super().__init__()
+        backbone = efficientnet_lite0(pretrained=pretrained, with_head=False)
+        # Only the stages up to stride 16 are used: the stride-32 stage is neither run nor stored.
+        backbone._blocks = backbone._blocks[: LITE0_FEATURE_BLOCKS[16] + 1]
+        self.encoder = backbone
+        self.key_dim = key_dim
+        self.value_dim = value_dim
+        self.key_proj = nn.Conv2d(C16 + C8, key_dim, 3, padding=1)
+        nn.init.orthogonal_(self.key_proj.weight.data)
+        nn.init.zeros_(self.key_proj.bias)
+        # scale = MAX_SCALE * sigmoid(scale_logit): smooth, learnable, bounded
+        self.scale_logit = nn.Parameter(
+            torch.tensor(math.log(INITIAL_SCALE / (MAX_SCALE - INITIAL_SCALE)))
+        )
+        self.value_encoder = ValueEncoder(value_dim)
+        self.decoder = Decoder(value_dim)
+
+    @property
+    def affinity_scale(self) -> Tensor:
+        return MAX_SCALE * torch.sigmoid(self.scale_logit)
+
+    def train(self, mode: bool = True) -> STMLite:
+        # The encoder's batch-norm statistics stay ImageNet's: batches of 3-frame crops are far
+        # too small and too alike to estimate new ones.
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    # -- the VOSNetwork contract -----------------------------------------------------------
+    def encode_query(self, image: Tensor) -> QueryFeatures:
+        self._check_image(image)
+        normalised = lite0_normalize(image)
+        feats = self.encoder.features(normalised, strides=(4, 8, 16))
+        f4, f8, f16 = feats[4], feats[8], feats[16]
+        k = self.key_proj(torch.cat([f16, F.avg_pool2d(f8, 2)], dim=1))
+        return QueryFeatures(
+            key=F.normalize(k.float(), dim=1).to(k.dtype),
+            skips=(f8, f4),
+            extra={"f16": f16, "image": normalised},
+        )
+
+    def encode_memory(
+        self, image: Tensor, masks: Tensor, query: QueryFeatures | None = None
+    ) -> MemoryEntry:
+        batched = masks.dim() == 4
+        if masks.dim() not in (3, 4) or masks.shape[-2:] != image.shape[-2:]:
+            raise InputError(
+                f"masks must be [N, H, W] matching the image {tuple(image.shape[-2:])}, "
+                f"got {tuple(masks.shape)}"
+            )
+        if query is None:
+            query = self.encode_query(image)
+        b = query.key.shape[0]
+        masks4 = masks if batched else masks[None]
+        if masks4.shape[0] != b:
+            raise InputError(f"masks for {masks4.shape[0]} frames, images for {b}")
+        masks4 = masks4.to(query.key.dtype)
+        others = (masks4.sum(dim=1, keepdim=True) - masks4).clamp(0, 1)
+        f8, _ = query.skips
+        values = self.value_encoder(query.extra["image"], masks4, others, f8, query.extra["f16"])
+        return MemoryEntry(keys=query.key, values=values if batched else values[0])
+
+    def segment(
+        self,
+        query: QueryFeatures,
+        mem_keys: Tensor,
+        mem_values: Tensor,
+        top_k: int | None = None,
+        logits: bool = False,
+    ) -> Tensor:
+        """Per-object probabilities (or, with ``logits``, logits) of the query frame."""
+        if not {"f16", "image"} <= set(query.extra) or len(query.skips) != 2:
+            raise InputError("STMLite.segment needs query features made by STMLite.encode_query")
+        batched = mem_values.dim() == 4
+        values = mem_values if batched else mem_values[None]
+        keys = mem_keys  # [B, Ck, M]: the contract's [1, Ck, M] is a batch of one
+        b, n = values.shape[:2]
+        if keys.dim() != 3 or keys.shape[0] != b or keys.shape[-1] != values.shape[-1]:
+            raise InputError(
+                f"stm-lite memory keys are shared by all objects: expected [{b}, Ck, M] keys "
+                f"for values {tuple(mem_values.shape)}, got {tuple(mem_keys.shape)}"
+            )
+        qk = query.key
+        h, w = qk.shape[-2:]
+        # The scale multiplies the query rather than going to memory_read as a float, so that
+        # training gets its gradient.
+        reader = (qk * self.affinity_scale.to(qk.dtype)).flatten(2)
+        read = torch.stack(
+            [
+                memory_read(keys[i : i + 1], values[i], reader[i : i + 1], top_k, 1.0)
+                for i in range(b)
+            ]
+        )  # [B, N, Cv, h*w]
+        f8, f4 = query.skips
+        out = self.decoder(
+            read.reshape(b * n, -1, h, w),
+            query.extra["f16"],
+            self.decoder.RF3.skip(f8),
+            self.decoder.RF2.skip(f4),
+            n,
+        )
+        out = F.interpolate(out, scale_factor=4, mode="bilinear", align_corners=False)
+        out = out.reshape(b, n, *out.shape[-2:])
+        if not logits:
+            out = torch.sigmoid(out)
+        return out if batched else out[0]
+
+    def _check_image(self, image: Tensor) -> None:
+        if image.dim() != 4 or image.shape[1] != 3:
+            raise InputError(f"stm-lite expects images [B, 3, H, W], got {tuple(image.shape)}")
+        h, w = image.shape[-2:]
+        if h % self.pad_multiple or w % self.pad_multiple:
+            raise InputError(
+                f"stm-lite needs image sides that are multiples of {self.pad_multiple}, got {h}x{w}"
+            )

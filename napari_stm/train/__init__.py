@@ -1,0 +1,1 @@
+"""Training stm-lite: clips from still images, procedural videos and DAVIS-layout videos."""

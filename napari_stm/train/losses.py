@@ -1,0 +1,53 @@
+"""Losses: cross-entropy over soft-aggregated objects, optionally on the hardest pixels only."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: background probability is kept below 1 - this, so its logit stays finite
+_EPS = 1e-7
+
+
+def aggregate_logits(object_logits: Tensor) -> Tensor:
+    """Per-object logits [B, N, H, W] -> class logits [B, 1 + N, H, W] (background first).
+
+    The soft aggregation of :func:`napari_stm.core.readout.soft_aggregate` (background
+    ``prod(1 - p_k)``, objects ``p_k``, each turned into ``log(q / (1 - q))``) computed in log
+    space: an object's aggregated logit is its own logit exactly, and the background's follows
+    from ``sum log(1 - p_k)``. The same softmax as the engine's, with stable gradients.
+    """
+    x = object_logits.float()
+    log_bg = F.logsigmoid(-x).sum(dim=1, keepdim=True).clamp(max=-_EPS)  # log prod(1 - p_k)
+    bg = log_bg - torch.log(-torch.expm1(log_bg))  # log(q / (1 - q))
+    return torch.cat([bg, x], dim=1)
+
+
+def bootstrapped_cross_entropy(logits: Tensor, target: Tensor, top_fraction: float = 1.0) -> Tensor:
+    """Cross-entropy averaged over the ``top_fraction`` highest-loss pixels of the batch.
+
+    ``logits`` [B, C, H, W], ``target`` [B, H, W] int64. 1.0 is plain cross-entropy; smaller
+    values concentrate training on the pixels still wrong (boundaries, thin parts), as STCN's
+    bootstrapped loss does once the easy pixels are learnt.
+    """
+    if not 0 < top_fraction <= 1:
+        raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
+    loss = F.cross_entropy(logits, target, reduction="none").flatten()
+    if top_fraction >= 1:
+        return loss.mean()
+    k = max(1, int(loss.numel() * top_fraction))
+    return loss.topk(k, sorted=False).values.mean()
+
+
+def bootstrap_fraction(step: int, total: int, final: float, start: float, end: float) -> float:
+    """Share of pixels the loss keeps at ``step``: 1.0 until ``start * total``, then linearly
+    down to ``final`` at ``end * total`` (STCN's warm-up), ``final`` after."""
+    if final >= 1:
+        return 1.0
+    a, b = start * total, end * total
+    if step < a:
+        return 1.0
+    if step >= b or b <= a:
+        return final
+    return 1.0 + (final - 1.0) * (step - a) / (b - a)

@@ -1,0 +1,342 @@
+"""The dock widget in a real viewer, with real propagation on tiny stacks.
+
+Qt draws through Xvfb (pytest-xvfb); the model is the fastest registered one unless a test is
+about segmentation quality.
+"""
+
+import contextlib
+import threading
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+
+from napari_stm.core.engine import PropagationConfig, Propagator
+from napari_stm.core.weights import load_model
+from napari_stm.napari import _widget
+from napari_stm.napari._ledger import METADATA_KEY
+from napari_stm.napari._sample_data import make_sample_data, sample_ground_truth
+from napari_stm.napari._widget import PropagateWidget, default_model
+
+FAST = "lite0-match"
+TINY = {"n_frames": 8, "height": 64, "width": 64, "n_cells": 3, "seed": 0}
+#: mean IoU over cells and frames 1.. the sample's first-frame labels must reach
+IOU_BAR = {"stm-lite": 0.6, "stm-resnet50": 0.6, "lite0-match": 0.6}
+
+
+@pytest.fixture
+def messages(monkeypatch):
+    """Notifications the widget shows, by kind."""
+    seen = {"error": [], "info": [], "warning": []}
+    for kind in seen:
+        monkeypatch.setattr(_widget, f"show_{kind}", seen[kind].append)
+    return seen
+
+
+def _add_widget(viewer, model=FAST) -> PropagateWidget:
+    _, widget = viewer.window.add_plugin_dock_widget("napari-stm", "Propagate labels")
+    widget._model.value = model
+    widget._device.value = "cpu"
+    return widget
+
+
+def _run(qtbot, widget, timeout=120_000):
+    worker = widget.run()
+    assert worker is not None, "the run did not start"
+    qtbot.waitUntil(lambda: not widget.running, timeout=timeout)
+    return worker
+
+
+def _viewer_with_sample(make_napari_viewer, **size):
+    viewer = make_napari_viewer()
+    for data, kwargs, kind in make_sample_data(**{**TINY, **size}):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    return viewer
+
+
+def _engine_labels(frames, refs, direction="both", model=FAST):
+    """What the engine itself produces, to compare the widget's writes against."""
+    prop = Propagator(load_model(model, device="cpu"), frames, PropagationConfig(device="cpu"))
+    for t, lab in refs.items():
+        prop.add_reference(t, lab)
+    out = np.zeros((len(prop), *frames.shape[1:3]), np.uint8)
+    for res in prop.propagate(direction):
+        out[res.t] = res.labels
+    return out
+
+
+def _mean_iou(pred, gt):
+    ious = []
+    for t in range(1, len(gt)):
+        for i in np.unique(gt[0])[1:]:
+            a, b = pred[t] == i, gt[t] == i
+            ious.append((a & b).sum() / max((a | b).sum(), 1))
+    return float(np.mean(ious))
+
+
+def test_widget_and_sample_open_from_the_manifest(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-stm", "timelapse")
+    image, labels = viewer.layers
+    assert image.data.dtype == np.uint16 and image.data.ndim == 3
+    assert labels.data[0].any() and not labels.data[1:].any()
+    widget = _add_widget(viewer)
+    assert isinstance(widget, PropagateWidget)
+    assert widget._image.value is image and widget._labels.value is labels
+    assert "painted: 0" in widget._status.value
+
+
+def test_run_on_sample_fills_every_frame(make_napari_viewer, qtbot, messages):
+    model = default_model()
+    size = {"n_frames": 8, "height": 96, "width": 96, "n_cells": 3, "seed": 1}
+    viewer = _viewer_with_sample(make_napari_viewer, **size)
+    _, gt = sample_ground_truth(**size)
+    labels = viewer.layers["cells"]
+    painted = labels.data[0].copy()
+    widget = _add_widget(viewer, model)
+    _run(qtbot, widget)
+    assert messages["error"] == []
+    assert widget.last_written == list(range(1, 8))
+    np.testing.assert_array_equal(labels.data[0], painted)
+    assert all(labels.data[t].any() for t in range(8))
+    iou = _mean_iou(labels.data, gt)
+    assert iou > IOU_BAR[model], f"{model}: mean IoU {iou:.3f}"
+
+
+def test_widget_writes_exactly_what_the_engine_computes(make_napari_viewer, qtbot):
+    viewer = _viewer_with_sample(make_napari_viewer)
+    frames, gt = sample_ground_truth(**TINY)
+    labels = viewer.layers["cells"]
+    labels.data[5] = gt[5]  # a second painted frame
+    before = labels.data.copy()
+    widget = _add_widget(viewer)
+    _run(qtbot, widget)
+    expected = _engine_labels(frames, {0: gt[0], 5: gt[5]})
+    np.testing.assert_array_equal(labels.data[[0, 5]], before[[0, 5]])
+    np.testing.assert_array_equal(labels.data, expected)
+
+
+def test_correction_repropagates_only_what_it_affects_and_undo(make_napari_viewer, qtbot):
+    viewer = _viewer_with_sample(make_napari_viewer)
+    _, gt = sample_ground_truth(**TINY)
+    labels = viewer.layers["cells"]
+    widget = _add_widget(viewer)
+    widget._direction.value = "forward"
+    _run(qtbot, widget)
+    first = labels.data.copy()
+    assert widget.last_written == list(range(1, 8))
+
+    labels.data[4] = gt[4]  # the person corrects frame 4
+    corrected = labels.data.copy()
+    _run(qtbot, widget)
+    assert widget.last_written == [5, 6, 7]
+    np.testing.assert_array_equal(labels.data[:5], corrected[:5])
+    np.testing.assert_array_equal(labels.data[:4], first[:4])
+
+    # Nothing changed since: nothing to recompute.
+    assert widget.run() is None
+
+    widget.undo()
+    np.testing.assert_array_equal(labels.data, corrected)
+
+
+def test_frame_ranges(make_napari_viewer, qtbot):
+    viewer = _viewer_with_sample(make_napari_viewer)
+    labels = viewer.layers["cells"]
+    widget = _add_widget(viewer)
+    widget._range.value = "start..stop"
+    widget._start.value, widget._stop.value = 2, 4
+    _run(qtbot, widget)
+    assert widget.last_written == [2, 3, 4]
+    assert not labels.data[[1, 5, 6, 7]].any()
+
+    viewer.dims.set_current_step(0, 6)
+    widget._range.value = "from current frame"
+    widget._direction.value = "forward"
+    _run(qtbot, widget)
+    assert widget.last_written == [6, 7]
+
+
+def test_undo_restores_labels_and_bookkeeping(make_napari_viewer, qtbot, messages):
+    viewer = _viewer_with_sample(make_napari_viewer)
+    labels = viewer.layers["cells"]
+    before = labels.data.copy()
+    widget = _add_widget(viewer)
+    assert not widget._undo_button.enabled
+    _run(qtbot, widget)
+    assert widget._undo_button.enabled and labels.data[1:].any()
+    widget.undo()
+    np.testing.assert_array_equal(labels.data, before)
+    assert labels.metadata[METADATA_KEY]["written"] == {}
+    assert not widget._undo_button.enabled
+    # Propagating again works as the first time.
+    _run(qtbot, widget)
+    assert widget.last_written == list(range(1, 8))
+
+
+def test_cancel_leaves_whole_frames(make_napari_viewer, qtbot):
+    with contextlib.ExitStack() as stack:
+        _cancel_leaves_whole_frames(make_napari_viewer, qtbot, stack)
+
+
+def _cancel_leaves_whole_frames(make_napari_viewer, qtbot, stack):
+    from napari_stm.synthetic import make_clip
+
+    frames, gt = make_clip(10, 64, 64, n_objects=2, seed=2)
+    armed = {}
+
+    def read_block(block, block_info=None):
+        t = block_info[0]["chunk-location"][0]
+        # The person presses Cancel (once) while the worker computes frame 4.
+        if t == 4 and threading.current_thread() is not threading.main_thread():
+            widget = armed.pop("widget", None)
+            if widget is not None:
+                widget._cancel.set()
+        return block
+
+    # Blocks computed in the thread that asks for them, so the worker can be told apart.
+    stack.enter_context(dask.config.set(scheduler="synchronous"))
+    lazy = da.from_array(frames, chunks=(1, 64, 64, 3)).map_blocks(read_block, dtype=np.uint8)
+    viewer = make_napari_viewer()
+    viewer.add_image(lazy, rgb=True, contrast_limits=(0, 255))
+    painted = np.zeros_like(gt)
+    painted[0] = gt[0]
+    labels = viewer.add_labels(painted)
+    widget = armed["widget"] = _add_widget(viewer)
+    widget._direction.value = "forward"
+    _run(qtbot, widget)
+    assert widget.last_written == [1, 2, 3, 4]
+    expected = _engine_labels(frames, {0: gt[0]}, "forward")
+    np.testing.assert_array_equal(labels.data[:5], expected[:5])
+    assert not labels.data[5:].any()
+    # The rest can be filled afterwards.
+    _run(qtbot, widget)
+    assert widget.last_written == [5, 6, 7, 8, 9]
+
+
+def test_frames_painted_during_a_run_are_left_alone(make_napari_viewer, qtbot):
+    viewer = _viewer_with_sample(make_napari_viewer)
+    _, gt = sample_ground_truth(**TINY)
+    labels = viewer.layers["cells"]
+    widget = _add_widget(viewer)
+    widget._direction.value = "forward"
+    worker = widget.run()
+
+    def paint_once(_):
+        if not labels.data[6].any():
+            labels.data[6] = gt[6]
+
+    worker.yielded.connect(paint_once)
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+    assert 6 in widget.last_skipped and 6 not in widget.last_written
+    np.testing.assert_array_equal(labels.data[6], gt[6])
+
+
+def test_dask_layer_is_read_frame_by_frame(make_napari_viewer, qtbot, monkeypatch):
+    frames, gt = sample_ground_truth(**TINY)
+    converted = []
+    original = da.Array.__array__
+
+    def spy(self, *args, **kwargs):
+        converted.append(self.shape)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(da.Array, "__array__", spy)
+    viewer = make_napari_viewer()
+    viewer.add_image(da.from_array(frames, chunks=(1, 64, 64)), contrast_limits=(0, 4000))
+    painted = np.zeros_like(gt)
+    painted[0] = gt[0]
+    labels = viewer.add_labels(painted)
+    widget = _add_widget(viewer)
+    _run(qtbot, widget)
+    assert widget.last_written == list(range(1, 8)), (widget.last_written, widget.last_skipped)
+    # napari converts the slab it displays, the engine one frame at a time: never the stack.
+    assert converted and max(np.prod(shape) for shape in converted) == 64 * 64, converted
+    np.testing.assert_array_equal(labels.data, _engine_labels(frames, {0: gt[0]}))
+
+
+@pytest.mark.parametrize("kind", ["rgb-uint8", "gray-float"])
+def test_rgb_and_float_layers(make_napari_viewer, qtbot, messages, kind):
+    from napari_stm.synthetic import make_clip
+
+    if kind == "rgb-uint8":
+        frames, gt = make_clip(8, 96, 96, n_objects=2, seed=0)
+    else:
+        frames, gt = make_clip(8, 96, 96, n_objects=2, seed=0, channels=1, dtype=np.float32)
+    viewer = make_napari_viewer()
+    image = viewer.add_image(frames, rgb=kind.startswith("rgb"))
+    painted = np.zeros_like(gt)
+    painted[0] = gt[0]
+    labels = viewer.add_labels(painted)
+    widget = _add_widget(viewer)
+    widget._image.value = image
+    _run(qtbot, widget)
+    assert messages["error"] == []
+    assert _mean_iou(labels.data, gt) > 0.5
+
+
+def test_one_channel_of_a_multichannel_stack(make_napari_viewer, qtbot):
+    frames, gt = sample_ground_truth(**TINY)
+    noise = np.random.default_rng(0).integers(0, 4000, frames.shape, dtype=np.uint16)
+    stack = np.stack([noise, frames], axis=1)  # T, C, Y, X
+    viewer = make_napari_viewer()
+    viewer.add_image(stack, contrast_limits=(0, 4000))
+    painted = np.zeros_like(gt)
+    painted[0] = gt[0]
+    labels = viewer.add_labels(painted)
+    widget = _add_widget(viewer)
+    assert not widget._channel.native.isHidden() and widget._channel.max == 1
+    widget._channel.value = 1
+    _run(qtbot, widget)
+    np.testing.assert_array_equal(labels.data, _engine_labels(frames, {0: gt[0]}))
+
+
+def test_volume_sequence_along_z(make_napari_viewer, qtbot):
+    frames, gt = sample_ground_truth(**TINY)  # the 8 frames play 8 z-planes
+    volume = np.zeros((3, *frames.shape), np.uint16)  # T, Z, Y, X
+    volume[1] = frames
+    viewer = make_napari_viewer()
+    viewer.add_image(volume, contrast_limits=(0, 4000))
+    painted = np.zeros(volume.shape, np.uint8)
+    painted[1, 0] = gt[0]
+    labels = viewer.add_labels(painted)
+    viewer.dims.set_current_step(0, 1)
+    widget = _add_widget(viewer)
+    widget._along_z.value = True
+    _run(qtbot, widget)
+    assert widget.last_written == list(range(1, 8))
+    np.testing.assert_array_equal(labels.data[1], _engine_labels(frames, {0: gt[0]}))
+    assert not labels.data[[0, 2]].any()
+
+
+def test_errors_are_notifications(make_napari_viewer, qtbot, messages, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((4, 32, 32), np.uint8))
+    viewer.add_labels(np.zeros((4, 32, 32), np.uint8))
+    widget = _add_widget(viewer)
+    assert widget.run() is None
+    assert "no painted frame" in messages["error"][-1]
+
+    labels = viewer.add_labels(np.zeros((4, 32, 32), np.int32))
+    labels.data[2, 4:12, 4:12] = 300
+    widget._labels.value = labels
+    assert widget.run() is None
+    assert "frame 2 of the labels layer holds label 300" in messages["error"][-1]
+
+    labels.data[2, 4:12, 4:12] = 1
+    widget._model.value = "stm-resnet50"
+    widget._weights.value = str(tmp_path / "missing.pth")
+    _run(qtbot, widget)
+    assert "checkpoint not found" in messages["error"][-1]
+    assert not labels.data[[0, 1, 3]].any()
+    assert widget._run_button.enabled and not widget._undo_button.enabled
+
+
+def test_layers_of_different_sizes_are_refused(make_napari_viewer, messages):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((4, 32, 32), np.uint8))
+    viewer.add_labels(np.zeros((4, 32, 30), np.uint8))
+    widget = _add_widget(viewer)
+    assert widget.run() is None
+    assert "30x32 but the image's are 32x32" in messages["error"][-1]

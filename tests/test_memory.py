@@ -1,0 +1,264 @@
+"""The memory bank: what is kept, what is forgotten, and that memory stays bounded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_network import TinyMatch, iou
+
+from napari_stm.core.engine import PropagationConfig, Propagator, Tracker, confidence
+from napari_stm.core.memory import MemoryBank
+from napari_stm.core.model import MemoryEntry
+from napari_stm.synthetic import make_clip
+
+HW = (2, 3)
+
+
+def entry(value: float, n: int = 2) -> MemoryEntry:
+    """An entry whose every key and value element is ``value`` (so reads show which is where)."""
+    return MemoryEntry(
+        keys=torch.full((1, 4, *HW), float(value)), values=torch.full((n, 5, *HW), float(value))
+    )
+
+
+def read_values(bank: MemoryBank, current_t: int | None = None) -> list[float]:
+    """The value of each memory frame a read sees, in slot order."""
+    _, values = bank.tensors(current_t)
+    per_frame = values[0, 0].reshape(-1, HW[0] * HW[1])
+    return [float(v[0]) for v in per_frame]
+
+
+# -- MemoryBank ---------------------------------------------------------------------------------
+def test_previous_frame_is_replaced_not_appended():
+    bank = MemoryBank(max_frames=5)
+    bank.add(0, entry(0), "reference")
+    bank.add(1, entry(1), "previous")
+    bank.add(2, entry(2), "previous")
+    assert len(bank) == 2 and bank.kinds() == ["reference", "previous"]
+    assert bank.frames("previous") == [2]
+    assert read_values(bank) == [0, 2]
+
+
+def test_promote_previous_keeps_it():
+    bank = MemoryBank(max_frames=5)
+    bank.add(0, entry(0), "reference")
+    bank.add(5, entry(5), "previous")
+    bank.promote_previous("working")
+    bank.add(6, entry(6), "previous")
+    assert bank.kinds() == ["reference", "working", "previous"]
+    assert bank.frames() == [0, 5, 6] and read_values(bank) == [0, 5, 6]
+    bank.promote_previous("permanent")
+    assert bank.frames("permanent") == [6]
+    MemoryBank().promote_previous()  # nothing to promote: no error
+
+
+def test_same_frame_memorised_again_replaces_it():
+    bank = MemoryBank(max_frames=4)
+    bank.add(3, entry(1), "reference")
+    bank.add(3, entry(9), "reference")
+    assert bank.frames() == [3] and read_values(bank) == [9]
+
+
+def test_working_memory_forgets_oldest_first():
+    bank = MemoryBank(max_frames=5)  # 1 reference + 1 previous leaves 3 working entries
+    bank.add(0, entry(0), "reference")
+    bank.add(99, entry(99), "previous")
+    for t in range(1, 8):
+        bank.add(t, entry(t), "working")
+        assert len(bank) <= 5
+    assert sorted(bank.frames("working")) == [5, 6, 7]
+    assert bank.frames("reference") == [0] and bank.frames("previous") == [99]
+    # Promotion makes room the same way.
+    bank.add(8, entry(8), "previous")
+    bank.promote_previous("working")
+    assert sorted(bank.frames("working")) == [6, 7, 8] and len(bank) == 4
+
+
+def test_reads_are_a_contiguous_prefix_view():
+    bank = MemoryBank(max_frames=5)
+    bank.add(0, entry(0), "reference")
+    for t in range(1, 6):
+        bank.add(t, entry(t), "working")
+    bank.add(10, entry(10), "previous")
+    keys, values = bank.tensors()
+    # No copy: the read is a view of the buffer's first len(bank) slots.
+    assert keys.data_ptr() == bank._keys.data_ptr()
+    assert values.data_ptr() == bank._values.data_ptr()
+    assert keys.shape == (1, 4, len(bank) * HW[0] * HW[1])
+    assert values.shape == (2, 5, len(bank) * HW[0] * HW[1])
+    # Every slot holds the entry of the frame its bookkeeping names.
+    assert read_values(bank) == [float(t) for t in bank.frames()]
+    assert sorted(bank.frames()) == [0, 3, 4, 5, 10]
+
+
+def test_discard_forgets_kinds_and_keeps_the_rest_readable():
+    bank = MemoryBank(max_frames=6)
+    bank.add(0, entry(0), "reference")
+    bank.add(1, entry(1), "working")
+    bank.add(9, entry(9), "reference")
+    bank.add(2, entry(2), "working")
+    bank.add(3, entry(3), "previous")
+    bank.discard(("working", "previous"))
+    assert bank.kinds() == ["reference", "reference"] and read_values(bank) == [0, 9]
+    bank.add(4, entry(4), "previous")
+    assert read_values(bank) == [0, 9, 4]
+
+
+def test_references_beyond_the_cap_read_the_nearest():
+    bank = MemoryBank(max_frames=4)
+    for t in (0, 10, 20, 30, 40, 50):
+        bank.add(t, entry(t), "reference")
+    bank.add(31, entry(31), "previous")
+    assert len(bank) == 7  # every reference stays stored
+    seen = read_values(bank, current_t=32)
+    assert len(seen) == 4 and sorted(seen) == [20, 30, 31, 40]
+    assert sorted(read_values(bank, current_t=3)) == [0, 10, 20, 31]
+
+
+def test_unbounded_bank_grows_and_keeps_everything():
+    bank = MemoryBank()
+    for t in range(20):
+        bank.add(t, entry(t), "permanent")
+    assert len(bank) == 20 and read_values(bank) == [float(t) for t in range(20)]
+    assert bank.nbytes >= 20 * (4 + 2 * 5) * HW[0] * HW[1] * 4
+
+
+def test_bank_errors():
+    with pytest.raises(ValueError, match="memory is empty"):
+        MemoryBank().tensors()
+    with pytest.raises(ValueError, match="at least 2"):
+        MemoryBank(max_frames=1)
+    bank = MemoryBank(max_frames=3)
+    bank.add(0, entry(0), "reference")
+    with pytest.raises(ValueError, match="does not match the bank"):
+        bank.add(1, entry(1, n=3), "previous")
+
+
+def test_storage_dtype():
+    bank = MemoryBank(max_frames=3, storage_dtype=torch.float16)
+    bank.add(0, entry(0.5), "reference")
+    keys, values = bank.tensors()
+    assert keys.dtype == values.dtype == torch.float16 and float(values.max()) == 0.5
+
+
+# -- confidence gate ----------------------------------------------------------------------------
+def test_confidence_score():
+    certain = torch.zeros(3, 8, 8)
+    certain[0], certain[1, :4] = 1, 1
+    certain[0, :4] = 0
+    assert confidence(certain) == 1.0
+    assert confidence(torch.full((3, 8, 8), 1 / 3)) == 0.0
+    half = certain.clone()
+    half[:, :2] = torch.tensor([0.5, 0.5, 0.0])[:, None, None]  # half the object is unsure
+    assert confidence(half) == pytest.approx(0.5)
+
+
+def _tracker(model: TinyMatch, **kw) -> tuple[Tracker, np.ndarray, np.ndarray]:
+    frames, labels = make_clip(n_frames=6, height=32, width=48, seed=1, occlusion=False)
+    tr = Tracker(model, PropagationConfig(device="cpu", **kw))
+    tr.step(frames[0], labels[0])
+    return tr, frames, labels
+
+
+def test_confidence_gate_keeps_uncertain_frames_out(tiny_model):
+    tr, frames, labels = _tracker(tiny_model, mem_every=1, confidence_gate=0.7)
+    image = torch.from_numpy(frames[1] / np.float32(255)).permute(2, 0, 1)[None]
+    image = torch.nn.functional.pad(image, tr.geo.pad)
+    lab = torch.nn.functional.pad(torch.from_numpy(labels[1]).long(), tr.geo.pad)
+    certain = torch.stack([lab == k for k in (0, 1, 2)]).float()
+    unsure = torch.full_like(certain, 1 / 3)
+    assert confidence(certain) == 1.0 and confidence(unsure) == 0.0
+    with torch.inference_mode():
+        _, query = tr.segment(1, image)
+        tr.remember(1, image, unsure, query)
+        tr.segment(2, image)  # the pending frame is written before this read
+        assert tr.bank.frames("working") == []
+        assert tr.bank.frames("previous") == [1]  # still the previous frame, just not kept
+        tr.remember(2, image, certain, query)
+        tr.segment(3, image)
+        assert tr.bank.frames("working") == [2] and tr.bank.frames("previous") == []
+
+
+def test_gate_zero_keeps_everything(tiny_model):
+    tr, frames, _ = _tracker(tiny_model, mem_every=1, confidence_gate=0.0)
+    for t in range(1, 5):
+        tr.step(frames[t])
+    tr.step(frames[5])
+    assert sorted(tr.bank.frames("working")) == [1, 2, 3, 4]
+
+
+# -- bounded and official schedules on real propagation -----------------------------------------
+class MemoryCounter(TinyMatch):
+    """Records how many memory frames each read sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[int] = []
+
+    def segment(self, query, mem_keys, mem_values, top_k=None):
+        h, w = query.key.shape[-2:]
+        self.reads.append(mem_keys.shape[-1] // (h * w))
+        return super().segment(query, mem_keys, mem_values, top_k)
+
+
+def test_memory_stays_bounded_on_500_frames():
+    model = MemoryCounter()
+    frames, labels = make_clip(n_frames=500, height=64, width=64, seed=1, occlusion=False)
+    # No confidence gate, so the working memory fills and must forget (the gate is tested above).
+    cfg = PropagationConfig(device="cpu", max_memory=6, mem_every=2, confidence_gate=0.0)
+    tr = Tracker(model, cfg)
+    tr.step(frames[0], labels[0])
+    counts, bank_bytes, total_bytes, scores = [], [], [], []
+    for t in range(1, 500):
+        lab, probs = tr.step(frames[t])
+        counts.append(tr.memory_frames)
+        bank_bytes.append(tr.bank.nbytes)
+        total_bytes.append(tr.memory_nbytes)
+        if t % 50 == 0:
+            scores.append(round(float(np.mean([iou(lab == k, labels[t] == k) for k in (1, 2)])), 3))
+    print(f"500 frames: most memory frames {max(counts)}, reads {max(model.reads)}")
+    print(f"  IoU every 50 frames {scores}")
+    assert max(counts) == 6 and max(model.reads) == 6
+    assert len(model.reads) == 499
+    assert len(set(bank_bytes)) == 1  # preallocated once, never grown
+    assert max(total_bytes[250:]) == max(total_bytes[:50])  # flat once the memory is full
+    assert min(scores) > 0.7  # and it still tracks at the end
+
+    # The same bound through the Propagator, both directions.
+    model.reads.clear()
+    prop = Propagator(model, frames, cfg)
+    prop.add_reference(250, labels[250])
+    assert sum(1 for _ in prop.propagate("both")) == 500
+    assert len(model.reads) == 499 and max(model.reads) == 6
+
+
+def test_official_memory_grows_every_fifth_frame():
+    model = MemoryCounter()
+    frames, labels = make_clip(n_frames=17, height=32, width=32, seed=0)
+    prop = Propagator(model, frames, PropagationConfig(device="cpu", memory="official"))
+    prop.add_reference(0, labels[0])
+    list(prop.propagate("forward"))
+    # Frame t reads frames 0, 5, 10, ... before t - 1, and t - 1 itself (the paper's schedule).
+    want = [len({0, t - 1} | set(range(0, t - 1, 5))) for t in range(1, 17)]
+    assert want == [1, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 4, 4, 4, 4, 4]
+    assert model.reads == want
+
+    tr = Tracker(model, PropagationConfig(device="cpu", memory="official"))
+    tr.step(frames[0], labels[0])
+    for t in range(1, 17):
+        tr.step(frames[t])
+    assert tr.bank.frames("permanent") == [5, 10, 15] and tr.bank.max_frames is None
+
+
+def test_bounded_schedule_keeps_references_and_recent_frames(tiny_model):
+    frames, labels = make_clip(n_frames=30, height=64, width=96, seed=2, occlusion=False)
+    tr = Tracker(tiny_model, PropagationConfig(device="cpu", max_memory=4, mem_every=5))
+    tr.step(frames[0], labels[0])
+    for t in range(1, 30):
+        tr.step(frames[t])
+    # Reference 0, the two newest confident every-5th frames, and the previous frame 28.
+    assert tr.bank.frames("reference") == [0]
+    assert sorted(tr.bank.frames("working")) == [20, 25]
+    assert tr.bank.frames("previous") == [28]
+    assert tr.memory_frames == 4  # frame 29 is pending and will replace 28

@@ -1,0 +1,158 @@
+"""stm-lite: the VOSNetwork contract, batched == unbatched, the engine drives it, size budget."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from napari_stm.core.backbones import efficientnet_lite0
+from napari_stm.core.engine import PropagationConfig, Propagator
+from napari_stm.core.errors import InputError
+from napari_stm.core.stm_lite import KEY_DIM, MAX_SCALE, VALUE_DIM, STMLite
+from napari_stm.core.weights import ModelSpec, load_model, register, unregister
+from napari_stm.synthetic import make_clip
+
+H, W = 64, 96
+
+
+@pytest.fixture(scope="module")
+def model() -> STMLite:
+    torch.manual_seed(0)
+    return STMLite(pretrained=True).eval()
+
+
+@pytest.fixture(scope="module")
+def clip():
+    frames, labels = make_clip(n_frames=5, height=H, width=W, n_objects=2, seed=3)
+    return frames, labels
+
+
+def _image(frame: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255
+
+
+def _masks(labels: np.ndarray, n: int = 2) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(labels == k + 1) for k in range(n)]).float()
+
+
+def test_contract_shapes(model, clip):
+    frames, labels = clip
+    image = _image(frames[0])
+    with torch.inference_mode():
+        q = model.encode_query(image)
+        entry = model.encode_memory(image, _masks(labels[0]), q)
+        assert q.key.shape == (1, KEY_DIM, H // 16, W // 16)
+        # Key sharing: a memory key is the frame's query key.
+        assert entry.keys is q.key
+        assert entry.values.shape == (2, VALUE_DIM, H // 16, W // 16)
+        # Without the query the same entry is computed from the image.
+        again = model.encode_memory(image, _masks(labels[0]))
+        torch.testing.assert_close(again.keys, entry.keys)
+        torch.testing.assert_close(again.values, entry.values)
+        q1 = model.encode_query(_image(frames[1]))
+        for top_k in (None, 5):
+            probs = model.segment(q1, entry.keys.flatten(2), entry.values.flatten(2), top_k)
+            assert probs.shape == (2, H, W)
+            assert probs.dtype == torch.float32
+            assert 0 <= float(probs.min()) and float(probs.max()) <= 1
+
+
+def test_batched_calls_match_single_frames(model, clip):
+    # Training runs a batch through the same methods: results must equal frame-by-frame calls.
+    frames, labels = clip
+    images = torch.cat([_image(frames[0]), _image(frames[2])])
+    masks = torch.stack([_masks(labels[0]), _masks(labels[2])])
+    query_images = torch.cat([_image(frames[1]), _image(frames[3])])
+    with torch.inference_mode():
+        entry = model.encode_memory(images, masks)
+        q = model.encode_query(query_images)
+        batched = model.segment(q, entry.keys.flatten(2), entry.values.flatten(3))
+        assert batched.shape == (2, 2, H, W)
+        for i in range(2):
+            e = model.encode_memory(images[i : i + 1], masks[i])
+            qi = model.encode_query(query_images[i : i + 1])
+            single = model.segment(qi, e.keys.flatten(2), e.values.flatten(2))
+            torch.testing.assert_close(batched[i], single, atol=1e-5, rtol=1e-4)
+
+
+def test_logits_are_the_probabilities_before_the_sigmoid(model, clip):
+    frames, labels = clip
+    with torch.inference_mode():
+        e = model.encode_memory(_image(frames[0]), _masks(labels[0]))
+        q = model.encode_query(_image(frames[1]))
+        probs = model.segment(q, e.keys.flatten(2), e.values.flatten(2))
+        logits = model.segment(q, e.keys.flatten(2), e.values.flatten(2), logits=True)
+    torch.testing.assert_close(torch.sigmoid(logits), probs)
+
+
+def test_encoder_is_the_imagenet_lite0(model):
+    ref = efficientnet_lite0(pretrained=True, with_head=False).state_dict()
+    own = model.encoder.state_dict()
+    assert own  # the stride-32 stage is dropped, everything else is ImageNet's
+    assert not any(k.startswith("_blocks.11.") for k in own)
+    for k, v in own.items():
+        torch.testing.assert_close(v, ref[k], rtol=0, atol=0)
+
+
+def test_encoder_batch_norm_stays_frozen_in_train_mode(model):
+    model.train()
+    try:
+        assert not model.encoder.training
+        assert model.decoder.training
+    finally:
+        model.eval()
+
+
+def test_affinity_scale_is_bounded():
+    # Unbounded affinities underflow the softmax into denormals, 10-20x slower on CPU.
+    net = STMLite(pretrained=False)
+    with torch.no_grad():
+        net.scale_logit.fill_(50.0)
+    assert float(net.affinity_scale.detach()) <= MAX_SCALE
+
+
+def test_size_within_budget(model):
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    assert buf.tell() <= 25 * 1024 * 1024
+
+
+def test_bad_input_is_named(model):
+    with pytest.raises(InputError, match="multiples of 16"):
+        model.encode_query(torch.rand(1, 3, 60, 64))
+    with pytest.raises(InputError, match="masks must be"):
+        model.encode_memory(torch.rand(1, 3, 64, 64), torch.rand(2, 32, 32))
+
+
+def test_propagates_in_the_engine(model, clip):
+    frames, labels = clip
+    prop = Propagator(model, frames, PropagationConfig(device="cpu"))
+    prop.add_reference(0, labels[0])
+    out = {r.t: r for r in prop.propagate("forward")}
+    assert sorted(out) == list(range(len(frames)))
+    assert np.array_equal(out[0].labels, labels[0])
+    for t in range(1, len(frames)):
+        assert out[t].labels.shape == (H, W)
+        assert set(np.unique(out[t].labels)) <= {0, 1, 2}
+        assert out[t].probs.shape == (3, H, W)
+        np.testing.assert_allclose(out[t].probs.sum(0), 1, atol=1e-4)
+
+
+def test_loads_through_the_registry(model, clip, tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save(model.state_dict(), path)
+    register(ModelSpec("stm-lite-test", "napari_stm.core.stm_lite:STMLite", "test"))
+    try:
+        loaded = load_model("stm-lite-test", weights=path, device="cpu")
+    finally:
+        unregister("stm-lite-test")
+    frames, labels = clip
+    with torch.inference_mode():
+        for net in (model, loaded):
+            e = net.encode_memory(_image(frames[0]), _masks(labels[0]))
+            q = net.encode_query(_image(frames[1]))
+            net._out = net.segment(q, e.keys.flatten(2), e.values.flatten(2))
+    torch.testing.assert_close(loaded._out, model._out, rtol=0, atol=0)
