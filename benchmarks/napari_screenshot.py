@@ -81,6 +81,7 @@ def shoot(args: argparse.Namespace) -> None:
     n = labels.data.shape[0]
     frame = n // 2 if args.frame is None else args.frame
     viewer.dims.set_current_step(0, frame)
+    viewer.reset_view()
     labels.selected_label = 1
     viewer.layers.selection.active = labels
     for _ in range(20):

@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("train", help="train stm-lite (two stages, as the paper)")
     )
 
+    from napari_stm import bench
+
+    bench.add_arguments(sub.add_parser("bench", help="time and memory per frame (synthetic)"))
+
     cvat = sub.add_parser("cvat", help="CVAT tools")
     cvat_sub = cvat.add_subparsers(dest="cvat_command", required=True)
     fill = cvat_sub.add_parser("fill-task", help="fill masks across a whole CVAT task")
@@ -155,6 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from napari_stm.train import cli as train_cli
 
             return train_cli.run(args)
+        if args.command == "bench":
+            from napari_stm import bench
+
+            return bench.run(args)
         if args.command == "models":
             from napari_stm.core.weights import available_models
 

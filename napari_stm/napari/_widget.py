@@ -13,6 +13,7 @@ import importlib
 import logging
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -204,6 +205,9 @@ class PropagateWidget(Container):
         self._pending_undo: UndoRecord | None = None
         self._done = 0
         self._error: str | None = None
+        self._inbox: deque[tuple] = deque()
+        self._draining = False
+        self._finish_pending = False
         #: frames the last run wrote, and those left alone because a person painted them mid-run
         self.last_written: list[int] = []
         self.last_skipped: list[int] = []
@@ -409,6 +413,8 @@ class PropagateWidget(Container):
         self._done = 0
         self._error = None
         self.last_written, self.last_skipped = [], []
+        self._inbox.clear()
+        self._finish_pending = False
         self._pbar = progress(total=job.total, desc="napari-stm: propagating")
         worker = _propagate(self._get_model, job, self._cancel)
         worker.yielded.connect(self._on_yielded)
@@ -420,7 +426,31 @@ class PropagateWidget(Container):
         self._status.value = f"propagating {len(job.plan.write)} frame(s)..."
         worker.start()
 
+    # napari's progress bar calls QApplication.processEvents() when it moves, so these slots can
+    # be re-entered: the next result, or even `finished`, may arrive while one frame is being
+    # handled. Results therefore go through a queue drained by one non-reentrant loop, and
+    # `finished` waits until the queue is empty.
     def _on_yielded(self, item: tuple) -> None:
+        self._inbox.append(item)
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while self._inbox:
+                self._handle(self._inbox.popleft())
+        finally:
+            self._draining = False
+        if self._finish_pending:
+            self._finish_pending = False
+            self._finish()
+
+    def _on_finished(self) -> None:
+        if self._draining:
+            self._finish_pending = True
+        else:
+            self._finish()
+
+    def _handle(self, item: tuple) -> None:
         job = self._job
         if job is None:
             return
@@ -428,9 +458,12 @@ class PropagateWidget(Container):
             self._error = item[1]
             return
         _, t, result = item
+        self._write(job, t, result)
         self._done += 1
         if self._pbar is not None:
             self._pbar.update(1)
+
+    def _write(self, job: Job, t: int, result: np.ndarray) -> None:
         if t not in job.planned_hash or t in self.last_written:
             return
         layer = job.labels_layer
@@ -466,7 +499,7 @@ class PropagateWidget(Container):
         position = layer.world_to_data(dims.point)
         return all(int(round(float(p))) == i for p, i in zip(position, idx, strict=False))
 
-    def _on_finished(self) -> None:
+    def _finish(self) -> None:
         job, self._job = self._job, None
         self._worker = None
         if self._pbar is not None:
