@@ -246,6 +246,7 @@ def propagate(args: argparse.Namespace) -> int:
     n = len(source)
     start = 0 if args.start is None else args.start
     stop = n if args.stop is None else args.stop
+    reached = prop.reach(args.direction, start, stop)  # also checks the range and references
     ids = prop.object_ids
     h, w = source.frame_shape[:2]
     shown = set(np.linspace(start, stop - 1, min(OVERLAY_FRAMES, stop - start)).round().astype(int))
@@ -262,7 +263,6 @@ def propagate(args: argparse.Namespace) -> int:
     )
     if probs is not None:
         probs[:] = 0
-    reached = prop.reach(args.direction, start, stop)
     bar = tqdm(total=len(reached), unit="frame", disable=args.quiet, desc="propagating")
     tiff = _OrderedTiff(out, start, stop, reached, (h, w), args.overwrite) if as_tiff else None
     if not as_tiff:
