@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from tiny_network import TinyMatch, iou
 
 from napari_stm import cli
 from napari_stm.core import weights as W
 from napari_stm.io import read_label_image, write_palette_png
 from napari_stm.synthetic import make_clip
-from tiny_network import TinyMatch, iou
 
 MODEL = "tiny-cli"
 
@@ -49,8 +49,23 @@ def run(*argv: str) -> int:
 def test_propagate_writes_palette_pngs_probs_and_overlay(tmp_path, files, clip):
     fdir, mdir = files
     out, probs, picture = tmp_path / "out", tmp_path / "p.npz", tmp_path / "o.png"
-    code = run("propagate", fdir, "--masks", mdir, "--out", out, "--model", MODEL,
-               "--device", "cpu", "--probs", probs, "--overlay", picture, "--quiet")
+    code = run(
+        "propagate",
+        fdir,
+        "--masks",
+        mdir,
+        "--out",
+        out,
+        "--model",
+        MODEL,
+        "--device",
+        "cpu",
+        "--probs",
+        probs,
+        "--overlay",
+        picture,
+        "--quiet",
+    )
     assert code == 0
     frames, gt = clip
     names = sorted(p.name for p in out.iterdir())
@@ -58,8 +73,11 @@ def test_propagate_writes_palette_pngs_probs_and_overlay(tmp_path, files, clip):
     first = Image.open(out / "00000.png")
     assert first.mode == "P"  # a palette PNG, ids kept as indices
     np.testing.assert_array_equal(read_label_image(out / "00000.png"), gt[0])
-    ious = [iou(read_label_image(out / f"{t:05d}.png") == k, gt[t] == k)
-            for t in range(1, len(frames)) for k in (1, 2)]
+    ious = [
+        iou(read_label_image(out / f"{t:05d}.png") == k, gt[t] == k)
+        for t in range(1, len(frames))
+        for k in (1, 2)
+    ]
     assert np.mean(ious) > 0.7
     npz = np.load(probs)
     assert npz["probs"].shape == (len(frames), 3, 64, 96)
@@ -74,8 +92,24 @@ def test_label_tiff_output_and_start_stop(tmp_path, files, clip):
     fdir, mdir = files
     out = tmp_path / "labels.tif"
     # Frames before the reference are not reached forward: they come out empty.
-    assert run("propagate", fdir, "--masks", mdir, "--out", out, "--model", MODEL,
-               "--direction", "forward", "--stop", 6, "--quiet") == 0
+    assert (
+        run(
+            "propagate",
+            fdir,
+            "--masks",
+            mdir,
+            "--out",
+            out,
+            "--model",
+            MODEL,
+            "--direction",
+            "forward",
+            "--stop",
+            6,
+            "--quiet",
+        )
+        == 0
+    )
     stack = tifffile.imread(out)
     assert stack.shape == (6, 64, 96)
     np.testing.assert_array_equal(stack[0], clip[1][0])
@@ -88,14 +122,27 @@ def test_backward_from_a_later_reference_fills_earlier_frames(tmp_path, files, c
     masks.mkdir()
     write_palette_png(masks / "00005.png", clip[1][5])
     out = tmp_path / "o.tif"
-    assert run("propagate", fdir, "--masks", masks, "--out", out, "--model", MODEL,
-               "--direction", "forward", "--quiet") == 0
+    assert (
+        run(
+            "propagate",
+            fdir,
+            "--masks",
+            masks,
+            "--out",
+            out,
+            "--model",
+            MODEL,
+            "--direction",
+            "forward",
+            "--quiet",
+        )
+        == 0
+    )
     stack = tifffile.imread(out)
     assert not stack[:5].any()
     assert all(stack[t].any() for t in range(5, 10))
     out2 = tmp_path / "both.tif"
-    assert run("propagate", fdir, "--masks", masks, "--out", out2, "--model", MODEL,
-               "--quiet") == 0
+    assert run("propagate", fdir, "--masks", masks, "--out", out2, "--model", MODEL, "--quiet") == 0
     stack = tifffile.imread(out2)
     assert all(stack[t].any() for t in range(10))
     np.testing.assert_array_equal(stack[5], clip[1][5])
@@ -106,16 +153,41 @@ def test_outputs_are_never_overwritten_without_asking(tmp_path, files, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    assert run("propagate", fdir, "--masks", mdir, "--out", out, "--model", MODEL,
-               "--quiet") == 2
+    assert run("propagate", fdir, "--masks", mdir, "--out", out, "--model", MODEL, "--quiet") == 2
     assert "not empty" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "user data"
     # --out may not be an input folder, even with --overwrite.
-    assert run("propagate", fdir, "--masks", mdir, "--out", mdir, "--model", MODEL,
-               "--overwrite", "--quiet") == 2
+    assert (
+        run(
+            "propagate",
+            fdir,
+            "--masks",
+            mdir,
+            "--out",
+            mdir,
+            "--model",
+            MODEL,
+            "--overwrite",
+            "--quiet",
+        )
+        == 2
+    )
     assert "is one of the inputs" in capsys.readouterr().err
-    assert run("propagate", fdir, "--masks", mdir, "--out", out, "--model", MODEL,
-               "--overwrite", "--quiet") == 0
+    assert (
+        run(
+            "propagate",
+            fdir,
+            "--masks",
+            mdir,
+            "--out",
+            out,
+            "--model",
+            MODEL,
+            "--overwrite",
+            "--quiet",
+        )
+        == 0
+    )
     assert (out / "keep.txt").read_text() == "user data"
 
 
@@ -130,8 +202,18 @@ def test_bad_input_is_one_clear_line(tmp_path, files, capsys):
         ((fdir, "--masks", bad_mask), "10x10"),
         ((fdir, "--masks", mdir, "--model", "nope"), "unknown model 'nope'"),
         ((fdir, "--masks", mdir, "--model", "stm-resnet50"), "needs weights"),
-        ((fdir, "--masks", mdir, "--weights", tmp_path / "missing.pth",
-          "--model", "stm-resnet50"), "not found"),
+        (
+            (
+                fdir,
+                "--masks",
+                mdir,
+                "--weights",
+                tmp_path / "missing.pth",
+                "--model",
+                "stm-resnet50",
+            ),
+            "not found",
+        ),
         ((fdir, "--masks", mdir, "--start", 20), "do not fit"),
     ]
     for i, (args, message) in enumerate(cases):
@@ -158,24 +240,21 @@ def test_interrupted_run_leaves_only_whole_frames(tmp_path, files, monkeypatch):
 
     monkeypatch.setattr(engine.Tracker, "segment", interrupted)
     out = tmp_path / "out"
-    assert run("propagate", fdir, "--masks", mdir, "--out", out, "--model", MODEL,
-               "--quiet") == 130
+    assert run("propagate", fdir, "--masks", mdir, "--out", out, "--model", MODEL, "--quiet") == 130
     written = sorted(out.iterdir())
     assert [p.name for p in written] == [f"{t:05d}.png" for t in range(4)]
     for p in written:
         assert read_label_image(p).shape == (64, 96)
     tif = tmp_path / "o.tif"
     calls["n"] = 0
-    assert run("propagate", fdir, "--masks", mdir, "--out", tif, "--model", MODEL,
-               "--quiet") == 130
+    assert run("propagate", fdir, "--masks", mdir, "--out", tif, "--model", MODEL, "--quiet") == 130
     assert not tif.exists() and not list(tmp_path.glob(".o.tif*"))
 
 
 def test_evaluate_and_models_commands(tmp_path, files, clip, capsys):
     fdir, mdir = files
     out = tmp_path / "pred"
-    assert run("propagate", fdir, "--masks", mdir, "--out", out, "--model", MODEL,
-               "--quiet") == 0
+    assert run("propagate", fdir, "--masks", mdir, "--out", out, "--model", MODEL, "--quiet") == 0
     gt = tmp_path / "gt"
     gt.mkdir()
     for t, lab in enumerate(clip[1]):
