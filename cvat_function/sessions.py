@@ -36,12 +36,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from napari_stm.core.engine import PropagationConfig, Tracker
-from napari_stm.core.frames import Geometry
-from napari_stm.core.memory import MemoryBank, Slot
 from napari_stm.core.model import VOSNetwork
 
 #: bits of randomness in a session id (secrets.token_urlsafe(32): 256 bits)
@@ -202,108 +199,18 @@ def _not_found(session_id: str) -> str:
 # --------------------------------------------------------------------------- serialisation
 
 
-#: engine classes a serialised tracker may contain (nothing else is ever rebuilt from Redis)
-_CLASSES = {cls.__name__: cls for cls in (MemoryBank, Slot, Geometry)}
-#: what a session restores from the handler instead of from storage
-_NOT_STORED = ("model", "config", "device")
-
-
 def new_tracker(model: VOSNetwork, config: PropagationConfig) -> Tracker:
     """A tracker for one CVAT shape: its object is known from the start, so the engine need not
     keep the frames it memorised (for adding objects later) next to the memory itself."""
     return Tracker(model, config, keep_sources=False)
 
 
-def _pack(value: Any, where: str) -> Any:
-    """``value`` as plain containers, numbers, strings and CPU tensors (weights_only-safe)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().clone()
-    if isinstance(value, np.ndarray):
-        return {"__ndarray__": torch.from_numpy(np.array(value))}
-    if isinstance(value, torch.dtype):
-        return {"__dtype__": str(value).removeprefix("torch.")}
-    if isinstance(value, list):
-        return [_pack(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, tuple):
-        return {"__tuple__": [_pack(v, f"{where}[{i}]") for i, v in enumerate(value)]}
-    if isinstance(value, dict):
-        return {
-            "__items__": [[_pack(k, where), _pack(v, f"{where}[{k!r}]")] for k, v in value.items()]
-        }
-    name = type(value).__name__
-    if _CLASSES.get(name) is type(value):
-        buffers = ("_keys", "_values") if isinstance(value, MemoryBank) else ()
-        fields = {k: _pack(v, f"{where}.{k}") for k, v in vars(value).items() if k not in buffers}
-        if buffers:
-            # The buffers are preallocated; only the used slots carry information.
-            n = len(value.slots)
-            for key in buffers:
-                buf = getattr(value, key, None)
-                fields[key] = None
-                if isinstance(buf, torch.Tensor):
-                    used = buf[:, :, :n].detach().cpu().clone()
-                    fields[key] = {"__buffer__": used, "cap": buf.shape[2]}
-        return {"__object__": name, "fields": fields}
-    raise TypeError(f"cannot store a tracking session: {where} is a {type(value).__name__}")
-
-
-def _unpack(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, list):
-        return [_unpack(v, device) for v in value]
-    if not isinstance(value, dict):
-        return value
-    if "__ndarray__" in value:
-        return value["__ndarray__"].numpy()
-    if "__dtype__" in value:
-        return getattr(torch, value["__dtype__"])
-    if "__tuple__" in value:
-        return tuple(_unpack(v, device) for v in value["__tuple__"])
-    if "__items__" in value:
-        return {_unpack(k, device): _unpack(v, device) for k, v in value["__items__"]}
-    if "__buffer__" in value:
-        used = value["__buffer__"].to(device)
-        buf = used.new_empty((*used.shape[:2], value["cap"], used.shape[3]))
-        buf[:, :, : used.shape[2]] = used
-        return buf
-    if "__object__" in value:
-        obj = object.__new__(_CLASSES[value["__object__"]])
-        obj.__dict__.update({k: _unpack(v, device) for k, v in value["fields"].items()})
-        return obj
-    raise ValueError(f"unrecognised stored value with keys {sorted(value)}")
-
-
-def tracker_state(tracker: Tracker) -> dict[str, Any]:
-    """A Tracker's memory as plain tensors and numbers (torch.save-able, weights_only-safe).
-
-    Every attribute but the model and the configuration is stored, so the session resumes where
-    it stopped; a type this module does not know fails loudly rather than being skipped.
-    """
-    with torch.inference_mode():
-        # Written now rather than at the start of the next read: same bank, no query features.
-        tracker._flush_pending()
-    attrs = {k: v for k, v in vars(tracker).items() if k not in _NOT_STORED}
-    return {"version": FORMAT_VERSION, "attrs": {k: _pack(v, k) for k, v in attrs.items()}}
-
-
-def restore_tracker(model: VOSNetwork, config: PropagationConfig, state: dict[str, Any]) -> Tracker:
-    """Inverse of :func:`tracker_state`."""
-    if state.get("version") != FORMAT_VERSION:
-        raise ValueError(f"session format {state.get('version')!r}, expected {FORMAT_VERSION}")
-    tracker = new_tracker(model, config)
-    for name, value in state["attrs"].items():
-        setattr(tracker, name, _unpack(value, tracker.device))
-    return tracker
-
-
 def dumps_session(session: Session) -> bytes:
     buf = io.BytesIO()
     torch.save(
         {
-            "tracker": tracker_state(session.tracker),
+            "version": FORMAT_VERSION,
+            "tracker": session.tracker.state_dict(),
             "shape_type": session.shape_type,
             "size": list(session.size),
             "created": float(session.created),
@@ -316,12 +223,20 @@ def dumps_session(session: Session) -> bytes:
 def loads_session(data: bytes, model: VOSNetwork, config: PropagationConfig) -> Session:
     device = config.device or model.device
     obj = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    if obj.get("version") != FORMAT_VERSION:
+        raise ValueError(f"session format {obj.get('version')!r}, expected {FORMAT_VERSION}")
     return Session(
-        tracker=restore_tracker(model, config, obj["tracker"]),
+        tracker=_restore_tracker(model, config, obj["tracker"]),
         shape_type=obj["shape_type"],
         size=tuple(obj["size"]),
         created=obj["created"],
     )
+
+
+def _restore_tracker(model: VOSNetwork, config: PropagationConfig, state: dict) -> Tracker:
+    tracker = new_tracker(model, config)
+    tracker.load_state_dict(state)
+    return tracker
 
 
 class RedisSessionStore:

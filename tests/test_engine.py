@@ -420,6 +420,28 @@ def test_tracker_streams_like_the_propagator(tiny_model, clip):
     assert score > 0.8
 
 
+def test_tracker_state_round_trip_continues_exactly(tiny_model, clip, tmp_path):
+    import io
+
+    video, gt = clip
+    cfg = PropagationConfig(mem_every=2, max_memory=4)  # the working memory fills and forgets
+    live = Tracker(tiny_model, cfg)
+    live.step(video[0], gt[0])
+    for t in range(1, 6):
+        live.step(video[t])
+    buf = io.BytesIO()
+    torch.save(live.state_dict(), buf)
+    copy = Tracker(tiny_model, cfg)
+    copy.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    assert copy.bank.kinds() == live.bank.kinds() and copy.object_ids == live.object_ids
+    for t in range(6, T):
+        (a, pa), (b, pb) = live.step(video[t]), copy.step(video[t])
+        assert np.array_equal(a, b)
+        np.testing.assert_array_equal(pa, pb)
+    with pytest.raises(InputError, match="tracker state version"):
+        copy.load_state_dict({"version": 0})
+
+
 def test_tracker_errors(tiny_model, clip):
     video, gt = clip
     tr = Tracker(tiny_model, CPU)

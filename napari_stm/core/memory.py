@@ -164,6 +164,37 @@ class MemoryBank:
         self._keys[:, :, slot] = keys.flatten(2).to(dtype)
         self._values[:, :, slot] = values.flatten(2).to(dtype)
 
+    # -- saving --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The used entries and their bookkeeping as tensors, numbers and strings only."""
+        n = len(self.slots)
+        return {
+            "slots": [[s.t, s.kind, s.seq] for s in self.slots],
+            "seq": self._seq,
+            "keys": None if self._keys is None else self._keys[:, :, :n].clone(),
+            "values": None if self._values is None else self._values[:, :, :n].clone(),
+            "hw": None if self._hw is None else list(self._hw),
+            "storage_dtype": None if self.storage_dtype is None else str(self.storage_dtype),
+        }
+
+    def load_state_dict(self, state: dict, device: torch.device | None = None) -> None:
+        self.slots = [Slot(int(t), kind, int(seq)) for t, kind, seq in state["slots"]]
+        self._seq = int(state["seq"])
+        self._hw = None if state["hw"] is None else tuple(state["hw"])
+        self._keys = self._values = None
+        dtype = state.get("storage_dtype")
+        self.storage_dtype = None if dtype is None else getattr(torch, dtype.split(".")[-1])
+        if state["keys"] is not None:
+            n = len(self.slots)
+            cap = max(self.max_frames or 8, n)
+            for name in ("keys", "values"):
+                used = state[name].to(device) if device is not None else state[name]
+                if self.storage_dtype is not None:
+                    used = used.to(self.storage_dtype)
+                buf = used.new_empty((*used.shape[:2], cap, used.shape[3]))
+                buf[:, :, :n] = used
+                setattr(self, f"_{name}", buf)
+
     # -- reading -----------------------------------------------------------------------------
     def tensors(self, current_t: int | None = None) -> tuple[Tensor, Tensor]:
         """Keys [Nk, Ck, M] and values [N, Cv, M] of the frames the next read should see.

@@ -575,7 +575,7 @@ class PropagateWidget(Container):
         predicted = sum(f.state is State.PREDICTED for f in infos)
         empty = sum(f.state is State.EMPTY for f in infos)
         self._status.value = (
-            f"painted: {_short(painted)}\npredicted: {predicted}, empty: {empty} "
+            f"painted frames: {_short(painted)}\npredicted: {predicted}, empty: {empty} "
             f"of {len(infos)} frames"
         )
 

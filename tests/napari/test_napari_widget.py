@@ -85,7 +85,7 @@ def test_widget_and_sample_open_from_the_manifest(make_napari_viewer):
     widget = _add_widget(viewer)
     assert isinstance(widget, PropagateWidget)
     assert widget._image.value is image and widget._labels.value is labels
-    assert "painted: 0" in widget._status.value
+    assert "painted frames: 0" in widget._status.value
 
 
 def test_run_on_sample_fills_every_frame(make_napari_viewer, qtbot, messages):
