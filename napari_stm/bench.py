@@ -471,7 +471,6 @@ def _options_text(options: dict[str, Any]) -> str:
 def child_main() -> None:
     """Subprocess entry: a Case as JSON on stdin, rows as marked JSON lines on stdout."""
     case = Case(**json.loads(sys.stdin.read()))
-    os.environ.setdefault("OMP_NUM_THREADS", str(case.threads))
     try:
         for row in measure(case):
             print(ROW_MARK + json.dumps(row), flush=True)
@@ -599,12 +598,12 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 def write_plot(rows: list[dict[str, Any]], path: Path) -> None:
     """Two panels against frame index: time per frame (median, p90 bars) and peak RSS."""
-    import matplotlib
+    # A Figure of its own, not pyplot: no global backend switch in a process that has one.
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5))
+    ax_t, ax_m = fig.subplots(1, 2)
     series: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         if row.get("status") == "ok":
@@ -623,6 +622,7 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax_m.plot(x, [float(r["rss_peak_mb"]) for r in pts], style + "o", color=line[0].get_color())
     for ax, title in ((ax_t, "time per frame (median; bar to p90), ms"), (ax_m, "peak RSS, MB")):
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.set_xlabel("frame (video length)")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
@@ -630,7 +630,6 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax_t.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- command line
