@@ -49,6 +49,10 @@ def memory_read(
         values = mem_values
     if top_k is not None and top_k < m:
         out = _topk_read(mem_keys, values, query_key, top_k, scale)
+    elif query_key.device.type == "cpu" and values.shape[1] != ck:
+        # PyTorch's CPU flash kernel needs keys and values of one width; otherwise SDPA builds
+        # the whole [P, M] affinity (7 GB at 1080p). Chunks keep it bounded and are faster.
+        out = _chunked_dense_read(mem_keys, values, query_key, scale)
     else:
         out = F.scaled_dot_product_attention(
             query_key.transpose(1, 2),  # [Nk, P, Ck]
@@ -57,6 +61,18 @@ def memory_read(
             scale=scale,
         ).transpose(1, 2)
     return out.reshape(n, cv, p)
+
+
+def _chunked_dense_read(keys: Tensor, values: Tensor, query: Tensor, scale: float) -> Tensor:
+    nk, _, m = keys.shape
+    p = query.shape[-1]
+    out = values.new_empty(nk, values.shape[1], p)
+    step = max(1, CHUNK_ELEMENTS // max(1, nk * m))
+    for start in range(0, p, step):
+        q = query[:, :, start : start + step]
+        weights = torch.softmax(torch.bmm(keys.transpose(1, 2), q) * scale, dim=1)  # [Nk, M, p']
+        out[:, :, start : start + q.shape[-1]] = torch.bmm(values, weights)
+    return out
 
 
 def _topk_read(keys: Tensor, values: Tensor, query: Tensor, k: int, scale: float) -> Tensor:
