@@ -202,9 +202,9 @@ def _short(body: Any, limit: int = 300) -> str:
 
 
 def _default_model() -> str:
-    from napari_stm.core.weights import available_models
+    from napari_stm.core.weights import default_model_name
 
-    return "stm-lite" if "stm-lite" in available_models() else "lite0-match"
+    return default_model_name()
 
 
 # --------------------------------------------------------------------------- the work

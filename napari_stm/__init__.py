@@ -1,7 +1,7 @@
 """napari-stm: Space-Time Memory video object segmentation for napari, CVAT and the shell.
 
 >>> from napari_stm import Propagator, load_model
->>> prop = Propagator(load_model("lite0-match"), frames)
+>>> prop = Propagator(load_model("stm-lite"), frames)
 >>> prop.add_reference(0, first_frame_labels)
 >>> masks = {res.t: res.labels for res in prop.propagate("both")}
 """

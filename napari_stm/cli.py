@@ -17,10 +17,9 @@ OVERLAY_FRAMES = 6
 
 
 def default_model() -> str:
-    """The model adapters use when none is named: the trained one once it ships."""
-    from napari_stm.core.weights import available_models
+    from napari_stm.core.weights import default_model_name
 
-    return "stm-lite" if "stm-lite" in available_models() else "lite0-match"
+    return default_model_name()
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,7 +27,7 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model",
         default=None,
-        help="model name (default: stm-lite when bundled, else lite0-match); "
+        help="model name (default: stm-lite, bundled); "
         "see `napari-stm models`",
     )
     g.add_argument("--weights", default=None, help="checkpoint path or http(s) URL")
@@ -67,6 +66,13 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--top-k", type=int, default=None, help="top-k memory read (0: dense; default: the model's)"
+    )
+    g.add_argument(
+        "--motion-sigma",
+        type=float,
+        default=None,
+        help="motion prior of the memory read: how far an object moves per frame, a share of "
+        "the frame's longer side (0: off; default: the model's)",
     )
     g.add_argument(
         "--confidence-gate",
@@ -228,6 +234,7 @@ def propagate(args: argparse.Namespace) -> int:
         mem_every=args.mem_every,
         max_memory=args.max_memory,
         top_k=args.top_k,
+        motion_sigma=args.motion_sigma,
         confidence_gate=args.confidence_gate,
         max_side=args.max_side,
         device=args.device,

@@ -12,8 +12,16 @@ from napari_stm.core.backbones import efficientnet_lite0
 from napari_stm.core.engine import PropagationConfig, Propagator
 from napari_stm.core.errors import InputError
 from napari_stm.core.stm_lite import KEY_DIM, MAX_SCALE, VALUE_DIM, STMLite
-from napari_stm.core.weights import ModelSpec, load_model, register, unregister
+from napari_stm.core.weights import (
+    ModelSpec,
+    default_model_name,
+    get_spec,
+    load_model,
+    register,
+    unregister,
+)
 from napari_stm.synthetic import make_clip
+from tests.tiny_network import iou
 
 H, W = 64, 96
 
@@ -156,3 +164,40 @@ def test_loads_through_the_registry(model, clip, tmp_path):
             q = net.encode_query(_image(frames[1]))
             net._out = net.segment(q, e.keys.flatten(2), e.values.flatten(2))
     torch.testing.assert_close(loaded._out, model._out, rtol=0, atol=0)
+
+
+def test_bundled_weights_are_the_offline_default(monkeypatch):
+    # No network: loading the default must not try one.
+    import urllib.request
+
+    def no_network(*a, **k):
+        raise AssertionError("the bundled model tried to download")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    assert default_model_name() == "stm-lite"
+    spec = get_spec("stm-lite")
+    assert spec.weights == "weights/stm_lite.pth" and spec.sha256  # pinned
+    net = load_model("stm-lite", device="cpu")
+    assert isinstance(net, STMLite) and net.motion_prior
+
+
+def test_bundled_model_tracks_the_sample_clip():
+    """The shipped weights on the shipped clip (half size): a trained model, not a random one."""
+    from napari_stm.cli import SAMPLE
+    from napari_stm.io import open_frames
+
+    source = open_frames(str(SAMPLE / "frames"))
+    # The sample clip is make_clip's (benchmarks/make_sample_clip.py): its labels are the truth.
+    _, truth = make_clip(n_frames=24, height=240, width=320, n_objects=3, seed=2)
+    frames = np.stack([np.asarray(source[t])[::2, ::2] for t in range(12)])
+    truth = truth[:12, ::2, ::2]
+    prop = Propagator(load_model("stm-lite", device="cpu"), frames, PropagationConfig())
+    prop.add_reference(0, truth[0])
+    ious = [
+        iou(r.labels == k, truth[r.t] == k)
+        for r in prop.propagate("forward")
+        if not r.is_reference
+        for k in (1, 2, 3)
+    ]
+    print(f"stm-lite on the sample clip: mean IoU {np.mean(ious):.3f}")
+    assert np.mean(ious) > 0.7

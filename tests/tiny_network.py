@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from napari_stm.core.model import MemoryEntry, QueryFeatures, VOSNetwork
-from napari_stm.core.readout import memory_read
+from napari_stm.core.readout import MotionPrior, memory_read
 
 #: resolution of keys and values
 STRIDE = 4
@@ -52,10 +52,16 @@ class TinyMatch(VOSNetwork):
         return MemoryEntry(keys=key, values=values)
 
     def segment(
-        self, query: QueryFeatures, mem_keys: Tensor, mem_values: Tensor, top_k: int | None = None
+        self,
+        query: QueryFeatures,
+        mem_keys: Tensor,
+        mem_values: Tensor,
+        top_k: int | None = None,
+        prior: MotionPrior | None = None,
     ) -> Tensor:
         h, w = query.key.shape[-2:]
-        read = memory_read(mem_keys, mem_values, query.key.flatten(2), top_k, self.scale)
+        key = query.key.flatten(2)
+        read = memory_read(mem_keys, mem_values, key, top_k, self.scale, prior)
         probs = F.interpolate(read.reshape(-1, 1, h, w), scale_factor=STRIDE, mode="bilinear")
         return probs.squeeze(1).clamp(0.0, 1.0)
 

@@ -64,10 +64,10 @@ class RequestError(Exception):
 
 
 def default_model_name() -> str:
-    """The trained light model once it is registered, else the one that needs no training."""
-    from napari_stm.core.weights import available_models
+    """The model the function serves when NAPARI_STM_MODEL is empty (the bundled stm-lite)."""
+    from napari_stm.core.weights import default_model_name as core_default
 
-    return "stm-lite" if "stm-lite" in available_models() else "lite0-match"
+    return core_default()
 
 
 @dataclass

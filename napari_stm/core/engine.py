@@ -25,7 +25,8 @@ from napari_stm.core.frames import FrameReader, Geometry, Normalize, check_label
 from napari_stm.core.frames import geometry as make_geometry
 from napari_stm.core.memory import MemoryBank
 from napari_stm.core.model import MemoryEntry, QueryFeatures, VOSNetwork
-from napari_stm.core.readout import soft_aggregate
+from napari_stm.core.motion import MotionEstimate
+from napari_stm.core.readout import MotionPrior, motion_prior, soft_aggregate
 
 Direction = Literal["forward", "backward", "both"]
 MemoryMode = Literal["bounded", "official"]
@@ -50,6 +51,10 @@ class PropagationConfig:
     max_memory: int = 10
     #: top-k memory positions per query position; None: the network's default (0: dense)
     top_k: int | None = None
+    #: motion prior of the memory read: how far an object moves in a frame (one standard
+    #: deviation, a share of the frame's longer side); None: measured from the tracked objects
+    #: (core/motion.py) for networks that use the prior, 0: off
+    motion_sigma: float | None = None
     #: a frame is written into long-lived memory only if its confidence reaches this (0: always)
     confidence_gate: float = 0.5
     #: resize frames internally so their longer side is at most this (masks come back full size)
@@ -76,6 +81,8 @@ class PropagationConfig:
             raise InputError(f"mem_every must be at least 1, not {self.mem_every}")
         if self.max_memory < 2:
             raise InputError(f"max_memory must be at least 2, not {self.max_memory}")
+        if self.motion_sigma is not None and not self.motion_sigma >= 0:
+            raise InputError(f"motion_sigma must be 0 (off) or positive, not {self.motion_sigma}")
         if self.top_k is not None and self.top_k < 0:
             raise InputError(f"top_k must be positive, not {self.top_k}")
         if not 0 <= self.confidence_gate <= 1:
@@ -155,9 +162,17 @@ class _Net:
         return self._memory(self._layout(image), masks, query)
 
     def segment(
-        self, query: QueryFeatures, keys: Tensor, values: Tensor, top_k: int | None
+        self,
+        query: QueryFeatures,
+        keys: Tensor,
+        values: Tensor,
+        top_k: int | None,
+        prior: MotionPrior | None,
     ) -> Tensor:
-        return self._segment(query, keys, values, top_k)
+        if prior is None:
+            # Networks written before the motion prior take four arguments.
+            return self._segment(query, keys, values, top_k)
+        return self._segment(query, keys, values, top_k, prior)
 
 
 class _Prefetcher:
@@ -281,6 +296,7 @@ class Tracker:
         self._intensity: tuple[np.ndarray, np.ndarray] | None = None
         self._last_t: int | None = None
         self._referenced = False
+        self.motion = MotionEstimate()
 
     # -- saving -------------------------------------------------------------------------------
     #: version of :meth:`state_dict`'s layout
@@ -308,6 +324,7 @@ class Tracker:
             else [torch.from_numpy(np.array(a)) for a in self._intensity],
             "sources": [[t, img.cpu(), p.cpu()] for t, (img, p) in self._sources.items()],
             "bank": self.bank.state_dict(),
+            "motion": self.motion.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -330,6 +347,9 @@ class Tracker:
         }
         self._pending = None
         self.bank.load_state_dict(state["bank"], self.device)
+        self.motion = MotionEstimate()
+        if "motion" in state:  # absent from states saved before the motion prior
+            self.motion.load_state_dict(state["motion"])
 
     # -- introspection ------------------------------------------------------------------------
     @property
@@ -352,6 +372,15 @@ class Tracker:
             return None
         k = self.config.top_k if self.config.top_k is not None else self.model.default_top_k
         return k or None
+
+    @property
+    def motion_sigma(self) -> float | None:
+        """Spread per frame of the read's motion prior (None: no prior)."""
+        if self.config.memory == "official":
+            return None
+        if self.config.motion_sigma is not None:
+            return self.config.motion_sigma or None
+        return self.motion.sigma if self.model.motion_prior else None
 
     # -- streaming API ------------------------------------------------------------------------
     def step(self, frame: Any, labels: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -437,6 +466,7 @@ class Tracker:
             return  # no object drawn yet: nothing to memorise
         lab = torch.from_numpy(labels).to(self.device)
         probs = from_labels(lab, self.object_ids, self.geo)
+        self.motion.observe(t, probs)
         if entry is None:
             entry = self._encode(image, probs)
         self._store(t, image, probs, entry, "reference")
@@ -461,9 +491,14 @@ class Tracker:
             query = self.net.encode_query(image)
             keys, values = self.bank.tensors(t)
             obj = self.net.segment(
-                query, keys.to(query.key.dtype), values.to(query.key.dtype), self.top_k
+                query,
+                keys.to(query.key.dtype),
+                values.to(query.key.dtype),
+                self.top_k,
+                self._motion_prior(t, query),
             )
         obj = obj.float() * self.active.to(obj.device, torch.float32)[:, None, None]
+        self.motion.observe(t, obj)
         extra = max(0, OFFICIAL_SLOTS - 1 - n) if self.config.memory == "official" else 0
         probs = torch.softmax(soft_aggregate(obj, extra_slots=extra), dim=0)[: n + 1]
         return probs, query
@@ -500,6 +535,14 @@ class Tracker:
     def _visit(self, t: int) -> None:
         self.steps += 1
         self._last_t = t
+
+    def _motion_prior(self, t: int, query: QueryFeatures) -> MotionPrior | None:
+        sigma = self.motion_sigma
+        if sigma is None:
+            return None
+        grid = query.key.shape[-2:]
+        gaps = torch.tensor([abs(t - s) for s in self.bank.times(t)], device=query.key.device)
+        return motion_prior(gaps, (grid[0], grid[1]), sigma)
 
     def _encode(self, image: Tensor, obj_probs: Tensor) -> MemoryEntry:
         with _autocast(self.device, self.config.amp):

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from napari_stm.core.backbones import efficientnet_lite0, lite0_normalize
 from napari_stm.core.model import MemoryEntry, QueryFeatures, VOSNetwork
-from napari_stm.core.readout import memory_read
+from napari_stm.core.readout import MotionPrior, memory_read
 
 #: resolution of the keys (memory positions)
 STRIDE = 8
@@ -92,11 +92,12 @@ class Lite0Match(VOSNetwork):
         mem_keys: Tensor,
         mem_values: Tensor,
         top_k: int | None = None,
+        prior: MotionPrior | None = None,
     ) -> Tensor:
         key = query.key
         h, w = key.shape[-2:]
         n, cv = mem_values.shape[:2]
-        read = memory_read(mem_keys, mem_values, key.flatten(2), top_k=top_k, scale=self.scale)
+        read = memory_read(mem_keys, mem_values, key.flatten(2), top_k, self.scale, prior)
         probs = F.pixel_shuffle(read.reshape(n, cv, h, w), STRIDE // VALUE_STRIDE)
         probs = F.interpolate(
             probs, scale_factor=VALUE_STRIDE, mode="bilinear", align_corners=False

@@ -214,6 +214,13 @@ class MemoryBank:
             return k.flatten(2), v.flatten(2)
         return keys[:, :, :n].flatten(2), values[:, :, :n].flatten(2)
 
+    def times(self, current_t: int | None = None) -> list[int]:
+        """The frame of each memory frame :meth:`tensors` returns, in its order."""
+        n = len(self.slots)
+        if self.max_frames is not None and n > self.max_frames:
+            return [self.slots[i].t for i in self._selection(current_t)]
+        return [s.t for s in self.slots]
+
     def _selection(self, current_t: int | None) -> list[int]:
         assert self.max_frames is not None
         others = [i for i, s in enumerate(self.slots) if s.kind not in ("reference", "permanent")]

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from napari_stm.core.readout import MotionPrior
+
 
 @dataclass
 class QueryFeatures:
@@ -50,6 +52,8 @@ class VOSNetwork(nn.Module):
     pad_multiple: int = 16
     #: top-k used by default in the memory read (None = dense softmax over all memory)
     default_top_k: int | None = None
+    #: whether the engine gives the memory read its measured motion prior by default
+    motion_prior: bool = False
 
     def encode_query(self, image: Tensor) -> QueryFeatures:
         """Encode a query frame [1, 3, H, W]."""
@@ -71,11 +75,14 @@ class VOSNetwork(nn.Module):
         mem_keys: Tensor,
         mem_values: Tensor,
         top_k: int | None = None,
+        prior: MotionPrior | None = None,
     ) -> Tensor:
         """Per-object foreground probabilities [N, H, W] of the query frame.
 
         ``mem_keys`` is [Nk, Ck, M] and ``mem_values`` [N, Cv, M]: every memory frame's entries
-        flattened and concatenated along M = sum over frames of h * w.
+        flattened and concatenated along M = sum over frames of h * w. ``prior`` is the engine's
+        motion prior (:func:`napari_stm.core.readout.motion_prior`), handed on to the memory
+        read.
         """
         raise NotImplementedError
 

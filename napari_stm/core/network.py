@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .backbones import resnet50_stages
 from .errors import InputError
 from .model import MemoryEntry, QueryFeatures, VOSNetwork
-from .readout import memory_read
+from .readout import MotionPrior, memory_read
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -202,6 +202,7 @@ class STM(VOSNetwork):
         mem_keys: Tensor,
         mem_values: Tensor,
         top_k: int | None = None,
+        prior: MotionPrior | None = None,
     ) -> Tensor:
         if query.value is None or len(query.skips) != 2:
             raise InputError("STM.segment needs query features made by STM.encode_query")
@@ -209,7 +210,7 @@ class STM(VOSNetwork):
         r3, r2 = query.skips
         n = mem_values.shape[0]
         _, _, h, w = k4.shape
-        read = memory_read(mem_keys, mem_values, k4.flatten(2), top_k=top_k)
+        read = memory_read(mem_keys, mem_values, k4.flatten(2), top_k, None, prior)
         m4 = torch.cat([read.reshape(n, VALUE_DIM, h, w), v4.expand(n, -1, -1, -1)], dim=1)
         logits = self.Decoder(m4, r3.expand(n, -1, -1, -1), r2.expand(n, -1, -1, -1))
         return F.softmax(logits, dim=1)[:, 1]

@@ -35,7 +35,7 @@ from napari_stm.core.backbones import LITE0_FEATURE_BLOCKS, efficientnet_lite0, 
 from napari_stm.core.errors import InputError
 from napari_stm.core.model import MemoryEntry, QueryFeatures, VOSNetwork
 from napari_stm.core.network import ResBlock
-from napari_stm.core.readout import memory_read
+from napari_stm.core.readout import MotionPrior, memory_read
 
 #: Lite0 channels at strides 4, 8 and 16
 C4, C8, C16 = 24, 40, 112
@@ -165,6 +165,8 @@ class STMLite(VOSNetwork):
     name = "stm-lite"
     pad_multiple = 16
     default_top_k: int | None = None
+    #: the read is position-aware (see core/motion.py): it keeps look-alike cells apart
+    motion_prior = True
 
     def __init__(
         self,
@@ -240,6 +242,7 @@ class STMLite(VOSNetwork):
         mem_keys: Tensor,
         mem_values: Tensor,
         top_k: int | None = None,
+        prior: MotionPrior | None = None,
         logits: bool = False,
     ) -> Tensor:
         """Per-object probabilities (or, with ``logits``, logits) of the query frame."""
@@ -261,7 +264,7 @@ class STMLite(VOSNetwork):
         reader = (qk * self.affinity_scale.to(qk.dtype)).flatten(2)
         read = torch.stack(
             [
-                memory_read(keys[i : i + 1], values[i], reader[i : i + 1], top_k, 1.0)
+                memory_read(keys[i : i + 1], values[i], reader[i : i + 1], top_k, 1.0, prior)
                 for i in range(b)
             ]
         )  # [B, N, Cv, h*w]

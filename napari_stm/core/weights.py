@@ -142,34 +142,21 @@ def get_spec(name: str) -> ModelSpec:
         raise CheckpointError(f"unknown model {name!r}; available models: {names}") from None
 
 
+#: the model every adapter uses when none is named: trained by us and bundled, so it works
+#: offline the moment the package is installed
+DEFAULT_MODEL = "stm-lite"
+
+
+def default_model_name() -> str:
+    """The model adapters use when none is named (the bundled ``stm-lite``)."""
+    return DEFAULT_MODEL if DEFAULT_MODEL in _REGISTRY else next(iter(_REGISTRY))
+
+
 def available_models() -> dict[str, str]:
     """Registered model names and their one-line descriptions, in registration order."""
     return {name: spec.description for name, spec in _REGISTRY.items()}
 
 
-OFFICIAL_STM_WEIGHTS_URL = "https://www.dropbox.com/s/mtfxdr93xc3q55i/STM_weights.pth?dl=1"
-
-register(
-    ModelSpec(
-        name="stm-resnet50",
-        factory="napari_stm.core.network:STM",
-        description="STM (Oh et al., ICCV 2019), ResNet-50 encoders; loads the official "
-        "STM_weights.pth",
-        weights_required=True,
-        weights_source=(
-            "the official STM_weights.pth by the STM authors, licensed CC BY-NC-SA 4.0 "
-            f"(non-commercial): {OFFICIAL_STM_WEIGHTS_URL}"
-        ),
-    )
-)
-register(
-    ModelSpec(
-        name="lite0-match",
-        factory="napari_stm.core.lite0_match:Lite0Match",
-        description="ImageNet EfficientNet-Lite0 features matched across frames; needs no "
-        "trained weights",
-    )
-)
 
 
 # --------------------------------------------------------------------------- devices
@@ -603,3 +590,40 @@ def load_model(
         load_state_dict(model, state_dict, source)
     model.eval().requires_grad_(False)
     return model.to(dev)
+
+
+# --------------------------------------------------------------------------- the models
+
+OFFICIAL_STM_WEIGHTS_URL = "https://www.dropbox.com/s/mtfxdr93xc3q55i/STM_weights.pth?dl=1"
+
+register(
+    ModelSpec(
+        name="stm-resnet50",
+        factory="napari_stm.core.network:STM",
+        description="STM (Oh et al., ICCV 2019), ResNet-50 encoders; loads the official "
+        "STM_weights.pth",
+        weights_required=True,
+        weights_source=(
+            "the official STM_weights.pth by the STM authors, licensed CC BY-NC-SA 4.0 "
+            f"(non-commercial): {OFFICIAL_STM_WEIGHTS_URL}"
+        ),
+    )
+)
+register(
+    ModelSpec(
+        name="stm-lite",
+        factory="napari_stm.core.stm_lite:STMLite",
+        description="STM on an ImageNet EfficientNet-Lite0, trained by us (docs/model_card.md); "
+        "bundled, the default; weights for non-commercial research use",
+        weights="weights/stm_lite.pth",
+        sha256="c478ad84843370379406636a80669b471e3d358c965bde98efd6bd235b6a7968",
+    )
+)
+register(
+    ModelSpec(
+        name="lite0-match",
+        factory="napari_stm.core.lite0_match:Lite0Match",
+        description="ImageNet EfficientNet-Lite0 features matched across frames; needs no "
+        "trained weights",
+    )
+)

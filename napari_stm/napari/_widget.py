@@ -37,7 +37,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from napari_stm.core.engine import PropagationConfig, Propagator
 from napari_stm.core.errors import CheckpointError, InputError
 from napari_stm.core.model import VOSNetwork
-from napari_stm.core.weights import available_models, get_spec, load_model
+from napari_stm.core.weights import available_models, default_model_name, get_spec, load_model
 from napari_stm.napari import _ledger as ledger_mod
 from napari_stm.napari._gl_compat import import_triton_safely
 from napari_stm.napari._ledger import Direction, FrameInfo, Overwrite, RunPlan, State
@@ -55,9 +55,7 @@ AUTO_DEVICE = "auto"
 
 
 def default_model() -> str:
-    """The trained small model when it is registered, else the one that needs no training."""
-    names = available_models()
-    return "stm-lite" if "stm-lite" in names else "lite0-match"
+    return default_model_name()
 
 
 def device_choices() -> list[str]:

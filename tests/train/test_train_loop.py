@@ -102,7 +102,9 @@ def test_training_runs_the_engines_computation(dataset):
     torch.manual_seed(0)
     model = STMLite(pretrained=True).eval()
     frames, labels = make_clip(n_frames=3, height=S, width=S, n_objects=2, seed=5, occlusion=False)
-    tracker = Tracker(model, PropagationConfig(device="cpu", mem_every=1, confidence_gate=0))
+    # The motion prior is the engine's addition at inference; training reads without it.
+    config = PropagationConfig(device="cpu", mem_every=1, confidence_gate=0, motion_sigma=0)
+    tracker = Tracker(model, config)
     tracker.step(frames[0], labels[0])
     engine = [tracker.step(frames[t])[1] for t in (1, 2)]
 

@@ -1,0 +1,76 @@
+"""How fast the tracked objects move, which sets the width of the memory read's motion prior.
+
+A fixed width cannot serve every video: nuclei in a time-lapse move a thousandth of the frame
+per frame and look alike, so the read must stay local; a skater crosses a tenth of the frame in
+a few frames, and a tight prior loses her. The engine therefore measures the motion it tracks:
+the largest displacement of an object's centre between two segmented frames, per frame, as a
+share of the frame's longer side. The prior's spread follows it, rising at once and falling
+slowly, within :data:`MIN_SIGMA` and :data:`MAX_SIGMA`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: narrowest spread per frame (a share of the frame's longer side)
+MIN_SIGMA = 0.03
+#: widest spread per frame; past it the prior barely constrains the read
+MAX_SIGMA = 0.15
+#: spread per measured displacement: an object may move this many times its last speed
+GAIN = 2.0
+#: per segmented frame, the remembered speed falls to this share unless a faster one is seen
+DECAY = 0.8
+#: which object's speed counts: the median (0.5) by default, since one object whose mask
+#: spread onto look-alikes jumps in centre and would widen the prior for all (1.0: the fastest)
+QUANTILE = 0.5
+#: an object smaller than this (pixels of probability) has no reliable centre
+MIN_MASS = 16.0
+
+
+class MotionEstimate:
+    """The tracked objects' speed, measured from one segmented frame to the next."""
+
+    def __init__(self, initial: float = MIN_SIGMA) -> None:
+        #: spread used until a first motion is measured
+        self.initial = initial
+        self.speed: float | None = None
+        self._last: tuple[int, Tensor, Tensor] | None = None
+
+    @property
+    def sigma(self) -> float:
+        """Spread per frame of the motion prior, a share of the frame's longer side."""
+        if self.speed is None:
+            return self.initial
+        return min(MAX_SIGMA, max(MIN_SIGMA, GAIN * self.speed))
+
+    def observe(self, t: int, probs: Tensor) -> None:
+        """Take the objects' probabilities [N, H, W] (or one-hot masks) in frame ``t``."""
+        n, h, w = probs.shape
+        p = probs.float()
+        mass = p.sum((1, 2))
+        ys = torch.arange(h, device=p.device, dtype=torch.float32)
+        xs = torch.arange(w, device=p.device, dtype=torch.float32)
+        safe = mass.clamp(min=1e-6)
+        centres = torch.stack([p.sum(2) @ ys / safe, p.sum(1) @ xs / safe], dim=1) / max(h, w)
+        present = mass >= MIN_MASS
+        if self._last is not None and self._last[0] != t and self._last[1].shape[0] == n:
+            last_t, last_centres, last_present = self._last
+            both = present & last_present
+            if bool(both.any()):
+                steps = (centres - last_centres)[both].norm(dim=1) / abs(t - last_t)
+                moved = steps.quantile(QUANTILE, interpolation="lower").item()
+                self.speed = moved if self.speed is None else max(moved, DECAY * self.speed)
+        self._last = (t, centres, present)
+
+    def state_dict(self) -> dict[str, Any]:
+        last = None if self._last is None else [self._last[0], *(x.cpu() for x in self._last[1:])]
+        return {"initial": self.initial, "speed": self.speed, "last": last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.initial = float(state["initial"])
+        self.speed = None if state["speed"] is None else float(state["speed"])
+        last = state["last"]
+        self._last = None if last is None else (int(last[0]), last[1], last[2].bool())

@@ -1,0 +1,104 @@
+"""The engine's measurement of object motion, which sets the width of the read's motion prior."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_stm.core import motion
+from napari_stm.core.engine import PropagationConfig, Propagator, Tracker
+from napari_stm.core.motion import MotionEstimate
+from napari_stm.synthetic import make_clip, make_timelapse
+from tests.tiny_network import TinyMatch, mean_iou
+
+
+def square(y: int, x: int, size: int = 64, side: int = 8) -> torch.Tensor:
+    m = torch.zeros(1, size, size)
+    m[0, y : y + side, x : x + side] = 1
+    return m
+
+
+def test_speed_is_the_centre_displacement_per_frame_over_the_longer_side():
+    est = MotionEstimate()
+    assert est.sigma == motion.MIN_SIGMA  # nothing measured yet
+    est.observe(0, square(10, 10))
+    est.observe(2, square(10, 22))  # 12 pixels in 2 frames of a 64-pixel frame
+    assert est.speed == pytest.approx(6 / 64)
+    assert est.sigma == pytest.approx(min(motion.MAX_SIGMA, motion.GAIN * 6 / 64))
+
+
+def test_speed_rises_at_once_and_falls_slowly():
+    est = MotionEstimate()
+    est.observe(0, square(10, 10))
+    est.observe(1, square(10, 14))
+    fast = est.speed
+    est.observe(2, square(10, 14))  # still
+    assert est.speed == pytest.approx(motion.DECAY * fast)
+    est.observe(3, square(10, 30))
+    assert est.speed == pytest.approx(16 / 64)
+
+
+def test_slow_objects_get_the_narrowest_prior_and_tiny_ones_are_ignored():
+    est = MotionEstimate()
+    est.observe(0, square(10, 10))
+    est.observe(1, square(10, 10))
+    assert est.sigma == motion.MIN_SIGMA
+    est.observe(2, square(40, 40, side=2))  # 4 pixels: no reliable centre
+    assert est.speed == 0.0
+
+
+def test_state_round_trip():
+    est = MotionEstimate()
+    est.observe(0, square(10, 10))
+    est.observe(1, square(12, 10))
+    again = MotionEstimate()
+    again.load_state_dict(est.state_dict())
+    for e in (est, again):
+        e.observe(2, square(20, 10))
+    assert again.speed == est.speed
+
+
+class TinyMatchWithPrior(TinyMatch):
+    motion_prior = True
+
+
+def test_measured_prior_keeps_look_alike_cells_apart():
+    frames, labels = make_timelapse(12, 96, 96, n_cells=6, seed=3, dtype=np.uint8)
+    ids = [i for i in range(1, 7) if (labels[0] == i).any()]
+    scores = {}
+    for name, model in (("off", TinyMatch()), ("measured", TinyMatchWithPrior())):
+        prop = Propagator(model, frames, PropagationConfig())
+        prop.add_reference(0, labels[0])
+        pred = {r.t: r.labels for r in prop.propagate("forward") if t_ok(r)}
+        scores[name] = mean_iou(pred, labels, ids)
+    assert scores["measured"] > scores["off"] + 0.1, scores
+
+
+def t_ok(result) -> bool:
+    # Cell 1 divides at frame 6 of this clip: score the frames before.
+    return not result.is_reference and result.t < 6
+
+
+def test_tracker_state_keeps_the_measured_motion():
+    frames, labels = make_clip(n_frames=6, height=64, width=96, seed=0)
+    tr = Tracker(TinyMatchWithPrior(), PropagationConfig())
+    tr.step(frames[0], labels[0])
+    for t in range(1, 4):
+        tr.step(frames[t])
+    state = tr.state_dict()
+    assert state["motion"]["speed"] is not None
+    again = Tracker(TinyMatchWithPrior(), PropagationConfig())
+    again.load_state_dict(state)
+    assert again.motion_sigma == tr.motion_sigma
+    del state["motion"]  # a state saved before the motion prior still loads
+    Tracker(TinyMatchWithPrior(), PropagationConfig()).load_state_dict(state)
+
+
+def test_config_overrides_the_measurement():
+    tr = Tracker(TinyMatchWithPrior(), PropagationConfig(motion_sigma=0.07))
+    assert tr.motion_sigma == 0.07
+    assert Tracker(TinyMatchWithPrior(), PropagationConfig(motion_sigma=0)).motion_sigma is None
+    assert Tracker(TinyMatch(), PropagationConfig()).motion_sigma is None
+    official = PropagationConfig(memory="official", motion_sigma=0.07)
+    assert Tracker(TinyMatchWithPrior(), official).motion_sigma is None

@@ -1,0 +1,112 @@
+"""The memory read against a plain softmax written out in full, and the motion prior."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_stm.core import readout
+from napari_stm.core.engine import PropagationConfig, Propagator
+from napari_stm.core.errors import InputError
+from napari_stm.core.readout import memory_read, motion_prior
+from napari_stm.synthetic import make_timelapse
+from tests.tiny_network import TinyMatch, mean_iou
+
+
+def reference_read(keys, values, query, scale, bias=None, top_k=None):
+    """softmax(scale * q.k + bias) over memory, written out for one key set per object."""
+    n = values.shape[0]
+    out = []
+    for i in range(n):
+        k = keys[min(i, keys.shape[0] - 1)]
+        aff = scale * query[min(i, query.shape[0] - 1)].T @ k  # [P, M]
+        if bias is not None:
+            aff = aff + bias
+        if top_k is not None:
+            kth = aff.topk(top_k, dim=1).values[:, -1:]
+            aff = aff.masked_fill(aff < kth, float("-inf"))
+        out.append(values[i] @ torch.softmax(aff, dim=1).T)
+    return torch.stack(out)
+
+
+def random_memory(nk=1, n=3, ck=8, cv=5, p=37, m=90, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(nk, ck, m, generator=g)
+    values = torch.randn(n, cv, m, generator=g)
+    query = torch.randn(1, ck, p, generator=g)
+    return keys, values, query
+
+
+@pytest.mark.parametrize("nk", [1, 3])
+def test_dense_read_is_the_full_softmax(nk, monkeypatch):
+    keys, values, query = random_memory(nk=nk)
+    want = reference_read(keys, values, query.expand(nk, -1, -1), 0.5)
+    got = memory_read(keys, values, query, scale=0.5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # Small chunks must give the same answer: chunk edges are not seams.
+    monkeypatch.setattr(readout, "CHUNK_ELEMENTS", 100)
+    got = memory_read(keys, values, query, scale=0.5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_topk_read_keeps_only_the_best_matches():
+    keys, values, query = random_memory()
+    want = reference_read(keys, values, query, 0.5, top_k=4)
+    got = memory_read(keys, values, query, top_k=4, scale=0.5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def explicit_bias(gaps, h, w, sigma, cap):
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], 1).float()
+    d2 = torch.cdist(pos, pos) ** 2  # [P, P]
+    blocks = [-d2 / (2 * (sigma * max(h, w)) ** 2 * max(g, 1)) for g in gaps]
+    return torch.cat(blocks, dim=1).clamp(min=-cap)  # [P, F * P]
+
+
+@pytest.mark.parametrize("top_k", [None, 6])
+@pytest.mark.parametrize("cap", [2.0, 1e6])
+def test_motion_prior_adds_a_capped_gaussian_of_the_displacement(top_k, cap):
+    h, w, gaps, sigma = 5, 7, [1, 4, 30], 0.15
+    keys, values, query = random_memory(p=h * w, m=len(gaps) * h * w)
+    prior = motion_prior(torch.tensor(gaps), (h, w), sigma, cap)
+    bias = explicit_bias(gaps, h, w, sigma, cap)
+    want = reference_read(keys, values, query, 0.5, bias, top_k)
+    got = memory_read(keys, values, query, top_k=top_k, scale=0.5, prior=prior)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_motion_prior_with_half_precision_inputs():
+    h, w, gaps = 4, 4, [1, 2]
+    keys, values, query = random_memory(p=h * w, m=len(gaps) * h * w)
+    prior = motion_prior(torch.tensor(gaps), (h, w), 0.1)
+    want = memory_read(keys, values, query, scale=0.5, prior=prior)
+    got = memory_read(keys.bfloat16(), values.bfloat16(), query.bfloat16(), scale=0.5, prior=prior)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
+
+
+def test_motion_prior_shape_mismatch_is_named():
+    keys, values, query = random_memory(p=12, m=24)
+    with pytest.raises(ValueError, match="motion prior covers"):
+        memory_read(keys, values, query, prior=motion_prior(torch.tensor([1]), (3, 4), 0.1))
+
+
+def test_motion_prior_keeps_look_alike_cells_apart():
+    # Identical-looking cells: by appearance alone a query pixel matches every cell, and the
+    # identities mix; the prior keeps each cell's label where that cell was.
+    frames, labels = make_timelapse(12, 96, 96, n_cells=6, seed=3, dtype=np.uint8)
+    ids = [i for i in range(1, 7) if (labels[0] == i).any()]
+    scores = {}
+    for sigma in (0.0, 0.02):
+        prop = Propagator(TinyMatch(), frames, PropagationConfig(motion_sigma=sigma))
+        prop.add_reference(0, labels[0])
+        pred = {r.t: r.labels for r in prop.propagate("forward") if not r.is_reference}
+        scores[sigma] = mean_iou({t: p for t, p in pred.items() if t < 6}, labels, ids)
+    assert scores[0.02] > scores[0.0] + 0.1, scores
+
+
+def test_motion_sigma_is_validated():
+    with pytest.raises(InputError, match="motion_sigma"):
+        PropagationConfig(motion_sigma=-1)
