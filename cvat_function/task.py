@@ -157,12 +157,14 @@ def run(args: argparse.Namespace) -> int:
     from cvat_sdk.core.exceptions import CvatSdkException
     from cvat_sdk.exceptions import ApiException
 
-    from napari_stm.core.weights import load_model
+    from napari_stm.core.weights import default_model_name, load_model
 
     try:
         first, last = args.frames if args.frames else (None, None)
         client = connect(args.url, credentials(), args.org)
-        model = load_model(args.model or _default_model(), weights=args.weights, device=args.device)
+        model = load_model(
+            args.model or default_model_name(), weights=args.weights, device=args.device
+        )
         report = fill_task(
             client,
             args.task,
@@ -199,12 +201,6 @@ def run(args: argparse.Namespace) -> int:
 def _short(body: Any, limit: int = 300) -> str:
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _default_model() -> str:
-    from napari_stm.core.weights import default_model_name
-
-    return default_model_name()
 
 
 # --------------------------------------------------------------------------- the work

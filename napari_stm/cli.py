@@ -16,12 +16,6 @@ SAMPLE = files("napari_stm") / "data" / "sample_clip"
 OVERLAY_FRAMES = 6
 
 
-def default_model() -> str:
-    from napari_stm.core.weights import default_model_name
-
-    return default_model_name()
-
-
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
@@ -72,7 +66,8 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="motion prior of the memory read: how far an object moves per frame, a share of "
-        "the frame's longer side (0: off; default: the model's)",
+        "the frame's longer side (0: off; default: measured from the tracked objects, for "
+        "models that use the prior)",
     )
     g.add_argument(
         "--confidence-gate",
@@ -219,7 +214,7 @@ def propagate(args: argparse.Namespace) -> int:
 
     from napari_stm import io
     from napari_stm.core.engine import PropagationConfig, Propagator
-    from napari_stm.core.weights import load_model
+    from napari_stm.core.weights import default_model_name, load_model
 
     source = io.open_frames(args.frames)
     masks = io.read_masks(args.masks, source.stems, source.frame_shape)
@@ -240,7 +235,7 @@ def propagate(args: argparse.Namespace) -> int:
         device=args.device,
     )
     model = load_model(
-        args.model or default_model(),
+        args.model or default_model_name(),
         weights=args.weights,
         device=args.device,
         sha256=args.sha256,

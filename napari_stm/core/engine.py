@@ -376,11 +376,20 @@ class Tracker:
     @property
     def motion_sigma(self) -> float | None:
         """Spread per frame of the read's motion prior (None: no prior)."""
+        if self._measures_motion:
+            return self.motion.sigma
         if self.config.memory == "official":
             return None
-        if self.config.motion_sigma is not None:
-            return self.config.motion_sigma or None
-        return self.motion.sigma if self.model.motion_prior else None
+        return self.config.motion_sigma or None
+
+    @property
+    def _measures_motion(self) -> bool:
+        """Whether the prior's spread comes from :attr:`motion` (else nobody reads it)."""
+        return (
+            self.config.memory != "official"
+            and self.config.motion_sigma is None
+            and self.model.motion_prior
+        )
 
     # -- streaming API ------------------------------------------------------------------------
     def step(self, frame: Any, labels: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -466,7 +475,8 @@ class Tracker:
             return  # no object drawn yet: nothing to memorise
         lab = torch.from_numpy(labels).to(self.device)
         probs = from_labels(lab, self.object_ids, self.geo)
-        self.motion.observe(t, probs)
+        if self._measures_motion:
+            self.motion.observe(t, probs)
         if entry is None:
             entry = self._encode(image, probs)
         self._store(t, image, probs, entry, "reference")
@@ -498,7 +508,8 @@ class Tracker:
                 self._motion_prior(t, query),
             )
         obj = obj.float() * self.active.to(obj.device, torch.float32)[:, None, None]
-        self.motion.observe(t, obj)
+        if self._measures_motion:
+            self.motion.observe(t, obj)
         extra = max(0, OFFICIAL_SLOTS - 1 - n) if self.config.memory == "official" else 0
         probs = torch.softmax(soft_aggregate(obj, extra_slots=extra), dim=0)[: n + 1]
         return probs, query

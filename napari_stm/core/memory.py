@@ -204,25 +204,26 @@ class MemoryBank:
         """
         if not self.slots or self._keys is None or self._values is None:
             raise ValueError("the memory is empty: add a reference frame first")
-        n = len(self.slots)
         keys, values = self._keys, self._values
-        if self.max_frames is not None and n > self.max_frames:
-            idx = self._selection(current_t)
+        idx = self._selection(current_t)
+        if idx is not None:
             sel = torch.tensor(idx, device=keys.device)
             k = keys.index_select(2, sel)
             v = values.index_select(2, sel)
             return k.flatten(2), v.flatten(2)
+        n = len(self.slots)
         return keys[:, :, :n].flatten(2), values[:, :, :n].flatten(2)
 
     def times(self, current_t: int | None = None) -> list[int]:
         """The frame of each memory frame :meth:`tensors` returns, in its order."""
-        n = len(self.slots)
-        if self.max_frames is not None and n > self.max_frames:
-            return [self.slots[i].t for i in self._selection(current_t)]
-        return [s.t for s in self.slots]
+        idx = self._selection(current_t)
+        slots = self.slots if idx is None else [self.slots[i] for i in idx]
+        return [s.t for s in slots]
 
-    def _selection(self, current_t: int | None) -> list[int]:
-        assert self.max_frames is not None
+    def _selection(self, current_t: int | None) -> list[int] | None:
+        """Slots a read sees, in order; None when it sees all of them."""
+        if self.max_frames is None or len(self.slots) <= self.max_frames:
+            return None
         others = [i for i, s in enumerate(self.slots) if s.kind not in ("reference", "permanent")]
         fixed = [i for i, s in enumerate(self.slots) if s.kind in ("reference", "permanent")]
         room = max(1, self.max_frames - len(others))

@@ -3,9 +3,10 @@
 A fixed width cannot serve every video: nuclei in a time-lapse move a thousandth of the frame
 per frame and look alike, so the read must stay local; a skater crosses a tenth of the frame in
 a few frames, and a tight prior loses her. The engine therefore measures the motion it tracks:
-the largest displacement of an object's centre between two segmented frames, per frame, as a
-share of the frame's longer side. The prior's spread follows it, rising at once and falling
-slowly, within :data:`MIN_SIGMA` and :data:`MAX_SIGMA`.
+the displacement of each object's centre between two segmented frames, per frame, as a share of
+the frame's longer side, and of those the median over objects (:data:`QUANTILE`). The prior's
+spread follows it, rising at once and falling slowly, within :data:`MIN_SIGMA` and
+:data:`MAX_SIGMA`.
 """
 
 from __future__ import annotations

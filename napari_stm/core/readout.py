@@ -6,9 +6,9 @@ values have one width, and otherwise, like the top-k read, walks the query posit
 
 An optional motion prior makes the read position-aware: STM's affinity depends on appearance
 alone, so among look-alike objects (cells in a time-lapse) every query position matches every
-object equally and identities mix. The prior adds ``-|p_q - p_m|^2 / (2 s^2)`` to each affinity,
-``s`` growing with the frames between query and memory frame: nearby frames vote locally, distant
-ones (the first reference of a long video) almost by appearance alone.
+object equally and identities mix. The prior adds ``-min(|p_q - p_m|^2 / (2 s^2), cap)`` to each
+affinity, ``s`` growing with the frames between query and memory frame: nearby frames vote
+locally, distant ones (the first reference of a long video) almost by appearance alone.
 """
 
 from __future__ import annotations

@@ -157,8 +157,6 @@ def available_models() -> dict[str, str]:
     return {name: spec.description for name, spec in _REGISTRY.items()}
 
 
-
-
 # --------------------------------------------------------------------------- devices
 
 

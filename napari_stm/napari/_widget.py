@@ -54,10 +54,6 @@ START_STOP = "start..stop"
 AUTO_DEVICE = "auto"
 
 
-def default_model() -> str:
-    return default_model_name()
-
-
 def device_choices() -> list[str]:
     import torch
 
@@ -120,7 +116,7 @@ class PropagateWidget(Container):
         self._model = ComboBox(
             label="model",
             choices=list(models),
-            value=default_model(),
+            value=default_model_name(),
             tooltip="\n".join(f"{k}: {v}" for k, v in models.items()),
         )
         self._weights = LineEdit(

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from napari_stm.core.engine import PropagationConfig, Propagator
-from napari_stm.core.weights import load_model
+from napari_stm.core.weights import default_model_name, load_model
 from napari_stm.napari import _widget
 from napari_stm.napari._ledger import METADATA_KEY
 from napari_stm.napari._sample_data import make_sample_data, sample_ground_truth
-from napari_stm.napari._widget import PropagateWidget, default_model
+from napari_stm.napari._widget import PropagateWidget
 
 FAST = "lite0-match"
 TINY = {"n_frames": 8, "height": 64, "width": 64, "n_cells": 3, "seed": 0}
@@ -89,7 +89,7 @@ def test_widget_and_sample_open_from_the_manifest(make_napari_viewer):
 
 
 def test_run_on_sample_fills_every_frame(make_napari_viewer, qtbot, messages):
-    model = default_model()
+    model = default_model_name()
     size = {"n_frames": 8, "height": 96, "width": 96, "n_cells": 3, "seed": 1}
     viewer = _viewer_with_sample(make_napari_viewer, **size)
     _, gt = sample_ground_truth(**size)
