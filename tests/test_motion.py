@@ -110,3 +110,33 @@ def test_config_overrides_the_measurement():
     assert Tracker(TinyMatch(), PropagationConfig()).motion_sigma is None
     official = PropagationConfig(memory="official", motion_sigma=0.07)
     assert Tracker(TinyMatchWithPrior(), official).motion_sigma is None
+
+
+
+class HazyMatch(TinyMatchWithPrior):
+    """Also gives every object a faint probability everywhere, as a trained network does."""
+
+    def segment(self, *args, **kwargs):
+        return super().segment(*args, **kwargs).clamp(min=0.05)
+
+
+def test_engine_measures_the_speed_of_the_segmented_objects():
+    # Measured where each object wins after aggregation: its own map is faint but not zero
+    # elsewhere and may cover look-alike cells, and its centre would move towards theirs and
+    # the frame's (on ctc-sim-01 the prior widened to its maximum after one frame and lost a
+    # third of the nuclei).
+    frames, labels = make_timelapse(6, 96, 96, n_cells=6, seed=3, dtype=np.uint8)
+    ids = [i for i in range(1, 7) if (labels[0] == i).any()]
+    tr = Tracker(HazyMatch(), PropagationConfig())
+    tr.step(frames[0], labels[0])
+    speeds = []
+    for t in range(1, 4):
+        tr.step(frames[t])
+        centres = [
+            [np.argwhere(labels[s] == i).mean(0) for i in ids if (labels[s] == i).any()]
+            for s in (t - 1, t)
+        ]
+        steps = [np.linalg.norm(b - a) / 96 for a, b in zip(*centres, strict=True)]
+        speeds.append(float(np.median(steps)))
+    assert tr.motion.speed is not None
+    assert tr.motion.speed <= 2 * max(speeds) + 0.005, (tr.motion.speed, speeds)

@@ -11,7 +11,7 @@ import torch
 from napari_stm.core.backbones import efficientnet_lite0
 from napari_stm.core.engine import PropagationConfig, Propagator
 from napari_stm.core.errors import InputError
-from napari_stm.core.stm_lite import KEY_DIM, MAX_SCALE, VALUE_DIM, STMLite
+from napari_stm.core.stm_lite import C16, KEY_DIM, MAX_SCALE, VALUE_DIM, STMLite
 from napari_stm.core.weights import (
     ModelSpec,
     default_model_name,
@@ -55,7 +55,7 @@ def test_contract_shapes(model, clip):
         assert q.key.shape == (1, KEY_DIM, H // 16, W // 16)
         # Key sharing: a memory key is the frame's query key.
         assert entry.keys is q.key
-        assert entry.values.shape == (2, VALUE_DIM, H // 16, W // 16)
+        assert entry.values.shape == (2, model.read_dim, H // 16, W // 16)
         # Without the query the same entry is computed from the image.
         again = model.encode_memory(image, _masks(labels[0]))
         torch.testing.assert_close(again.keys, entry.keys)
@@ -84,6 +84,24 @@ def test_batched_calls_match_single_frames(model, clip):
             qi = model.encode_query(query_images[i : i + 1])
             single = model.segment(qi, e.keys.flatten(2), e.values.flatten(2))
             torch.testing.assert_close(batched[i], single, atol=1e-5, rtol=1e-4)
+
+
+def test_stored_values_are_read_like_the_full_values(model):
+    # Memory values are stored through convFM's value part; reading them and adding the
+    # frame's part must equal reading the 256-channel values and applying convFM whole.
+    torch.manual_seed(0)
+    dec = model.decoder
+    raw = torch.randn(1, 2, VALUE_DIM, 3, 4)
+    weights = torch.softmax(3 * torch.randn(12, 12), dim=1)  # query x memory positions
+    f16 = torch.randn(1, C16, 3, 4)
+    with torch.inference_mode():
+        read_raw = (raw.flatten(3) @ weights.T).view(2, VALUE_DIM, 3, 4)
+        full = dec.convFM(torch.cat([read_raw, f16.expand(2, -1, -1, -1)], dim=1))
+        read = (dec.project(raw).flatten(3) @ weights.T).view(2, model.read_dim, 3, 4)
+        frame = torch.nn.functional.conv2d(f16, dec.convFM.weight[:, -C16:], dec.convFM.bias)
+        torch.testing.assert_close(read[:, :-1] + frame, full, atol=1e-5, rtol=1e-5)
+        # The last channel stays the read-out's soft mask (the object's coverage).
+        torch.testing.assert_close(read[:, -1], read_raw[:, -1])
 
 
 def test_logits_are_the_probabilities_before_the_sigmoid(model, clip):
@@ -133,6 +151,10 @@ def test_bad_input_is_named(model):
         model.encode_query(torch.rand(1, 3, 60, 64))
     with pytest.raises(InputError, match="masks must be"):
         model.encode_memory(torch.rand(1, 3, 64, 64), torch.rand(2, 32, 32))
+    with torch.inference_mode():
+        q = model.encode_query(torch.rand(1, 3, 64, 64))
+        with pytest.raises(InputError, match="129 channels"):
+            model.segment(q, q.key.flatten(2), torch.rand(1, VALUE_DIM, 16))
 
 
 def test_propagates_in_the_engine(model, clip):

@@ -27,7 +27,7 @@ DECAY = 0.8
 #: which object's speed counts: the median (0.5) by default, since one object whose mask
 #: spread onto look-alikes jumps in centre and would widen the prior for all (1.0: the fastest)
 QUANTILE = 0.5
-#: an object smaller than this (pixels of probability) has no reliable centre
+#: an object of fewer pixels than this has no reliable centre
 MIN_MASS = 16.0
 
 
@@ -48,9 +48,14 @@ class MotionEstimate:
         return min(MAX_SIGMA, max(MIN_SIGMA, GAIN * self.speed))
 
     def observe(self, t: int, probs: Tensor) -> None:
-        """Take the objects' probabilities [N, H, W] (or one-hot masks) in frame ``t``."""
+        """Take the objects' probabilities [N, H, W] (or one-hot masks) in frame ``t``.
+
+        An object is where its probability exceeds 0.5.
+        """
         n, h, w = probs.shape
-        p = probs.float()
+        # Where an object wins, not its probability everywhere: a faint 1e-3 over a large
+        # frame outweighs a small object and would pull its centre towards the frame's.
+        p = (probs > 0.5).float()
         mass = p.sum((1, 2))
         ys = torch.arange(h, device=p.device, dtype=torch.float32)
         xs = torch.arange(w, device=p.device, dtype=torch.float32)

