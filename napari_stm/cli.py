@@ -81,6 +81,12 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="resize internally so the longer side is at most this",
     )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the network through torch.compile: about 30%% faster per frame on CPU, "
+        "after a first frame that waits for the compilation (seconds to minutes)",
+    )
     g.add_argument("--start", type=int, default=None, help="first frame (default: 0)")
     g.add_argument("--stop", type=int, default=None, help="frame after the last (default: all)")
 
@@ -233,6 +239,7 @@ def propagate(args: argparse.Namespace) -> int:
         confidence_gate=args.confidence_gate,
         max_side=args.max_side,
         device=args.device,
+        compile=args.compile,
     )
     model = load_model(
         args.model or default_model_name(),

@@ -221,7 +221,8 @@ def test_fast_path_options_keep_results(clip, option):
     video, gt = clip
     model = TinyMatch()  # its own: channels-last converts the model's weights in place
     results = []
-    for config in (PropagationConfig(device="cpu"), PropagationConfig(device="cpu", **option)):
+    plain_config = PropagationConfig(device="cpu", channels_last=False)
+    for config in (plain_config, PropagationConfig(device="cpu", **option)):
         prop = Propagator(model, video, config)
         prop.add_reference(0, gt[0])
         results.append(list(prop.propagate("forward")))
@@ -244,3 +245,28 @@ def test_compiled_network_runs_and_matches(clip):
     for a, b in zip(eager, compiled, strict=True):
         np.testing.assert_allclose(a.probs, b.probs, atol=1e-4)
         assert (a.labels != b.labels).mean() < 1e-3
+
+
+def test_failed_compilation_falls_back_to_eager(clip, monkeypatch):
+    # Without a working C++ compiler inductor fails at the first call: the pass must still run.
+    import torch._dynamo
+
+    def broken_compile(fn):
+        def call(*args):
+            raise torch._dynamo.exc.BackendCompilerFailed(
+                "inductor", RuntimeError("no working C++ compiler found"), None
+            )
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    video, gt = clip
+    video, gt = video[:4], gt[:4]
+    model = TinyMatch()
+    eager = propagate(model, video, {0: gt[0]}, 0)
+    prop = Propagator(model, video, PropagationConfig(device="cpu", compile=True))
+    prop.add_reference(0, gt[0])
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        fallback = list(prop.propagate())
+    for a, b in zip(eager, fallback, strict=True):
+        np.testing.assert_array_equal(a.labels, b.labels)

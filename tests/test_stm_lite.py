@@ -185,7 +185,9 @@ def test_loads_through_the_registry(model, clip, tmp_path):
             e = net.encode_memory(_image(frames[0]), _masks(labels[0]))
             q = net.encode_query(_image(frames[1]))
             net._out = net.segment(q, e.keys.flatten(2), e.values.flatten(2))
-    torch.testing.assert_close(loaded._out, model._out, rtol=0, atol=0)
+    # Not bit-exact: an engine test before may have put the shared model's weights in
+    # channels-last layout, which changes the order of float additions.
+    torch.testing.assert_close(loaded._out, model._out, rtol=0, atol=1e-5)
 
 
 def test_bundled_weights_are_the_offline_default(monkeypatch):
