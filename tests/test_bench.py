@@ -251,7 +251,7 @@ def test_failed_compilation_falls_back_to_eager(clip, monkeypatch):
     # Without a working C++ compiler inductor fails at the first call: the pass must still run.
     import torch._dynamo
 
-    def broken_compile(fn):
+    def broken_compile(fn, **options):
         def call(*args):
             raise torch._dynamo.exc.BackendCompilerFailed(
                 "inductor", RuntimeError("no working C++ compiler found"), None

@@ -137,13 +137,21 @@ class _Net:
             model.to(memory_format=torch.channels_last)
         if config.compile:
             # Kept on the model, so every tracker and video of a session reuses one compilation.
-            compiled = getattr(model, "_napari_stm_compiled", None)
+            cache = getattr(model, "_napari_stm_compiled", None)
+            if cache is None:
+                cache = model._napari_stm_compiled = {}
+            compiled = cache.get(device.type)
             if compiled is None:
-                compiled = tuple(
-                    torch.compile(f)
+                # On CPU inductor's freezing folds batch norms into convolutions and prepacks
+                # their weights: stm-lite's query encoder alone 80 against 117 ms at 480p, 2
+                # threads (119 against 127 inside a pass). The weights become constants of the
+                # compiled code, which is why it is kept per model object (loading weights
+                # makes a new one). Not measured on CUDA, so not used there.
+                options = {"freezing": True} if device.type == "cpu" else None
+                compiled = cache[device.type] = tuple(
+                    torch.compile(f, options=options)
                     for f in (model.encode_query, model.encode_memory, model.segment)
                 )
-                model._napari_stm_compiled = compiled
             self._query, self._memory, self._segment = (
                 _or_eager(c, f)
                 for c, f in zip(
