@@ -55,6 +55,7 @@ COLUMNS = (
     "resolution",
     "height",
     "width",
+    "worked",
     "device",
     "threads",
     "frame",
@@ -246,6 +247,7 @@ def cases(args: argparse.Namespace) -> list[Case]:
             raise InputError("--device cuda was requested but CUDA is not available here")
     engine = {
         "max_memory": args.max_memory,
+        "max_side": args.max_side,
         "mem_every": args.mem_every,
         "confidence_gate": args.confidence_gate,
         "top_k": args.top_k,
@@ -404,6 +406,9 @@ def measure(case: Case) -> Iterator[dict[str, Any]]:
         "resolution": case.resolution,
         "height": case.height,
         "width": case.width,
+        # The size the network saw: frames are resized to the model's working size (or
+        # --max-side) inside the engine.
+        "worked": f"{prop.geo.inner[1]}x{prop.geo.inner[0]}",
         "device": case.device,
         "threads": case.threads if not cuda else "",
         "read_ms": round(1000 * float(np.median(reads)), 2) if reads else "",
@@ -550,6 +555,7 @@ _TABLE = (
     ("memory", "memory", 8),
     ("objects", "obj", 3),
     ("resolution", "res", 7),
+    ("worked", "worked", 9),
     ("device", "dev", 4),
     ("threads", "thr", 3),
     ("frame", "frame", 6),
@@ -688,6 +694,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine options")
     g.add_argument("--max-memory", type=int, default=10)
     g.add_argument("--mem-every", type=int, default=5)
+    g.add_argument(
+        "--max-side",
+        type=int,
+        default=None,
+        help="work at most this many pixels a side (0: full size; default: the model's working "
+        "size, 512 for stm-lite)",
+    )
     g.add_argument(
         "--confidence-gate",
         type=float,

@@ -79,7 +79,8 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
         "--max-side",
         type=int,
         default=None,
-        help="resize internally so the longer side is at most this",
+        help="resize internally so the longer side is at most this (0: full size; default: "
+        "the model's working size, see `napari-stm models`)",
     )
     g.add_argument(
         "--compile",

@@ -369,6 +369,23 @@ def test_max_side_resizes_inside_and_returns_full_size(tiny_model):
     assert score > 0.75
 
 
+class SmallWorkingSize(TinyMatch):
+    working_side = 96
+
+
+def test_network_working_size_is_the_default_and_can_be_overridden():
+    video, gt = make_clip(4, 128, 192, seed=0)
+    model = SmallWorkingSize()
+    for max_side, inner in [(None, (64, 96)), (0, (128, 192)), (160, (107, 160))]:
+        prop = Propagator(model, video, PropagationConfig(device="cpu", max_side=max_side))
+        assert prop.geo.inner == inner, max_side
+    tr = Tracker(model, PropagationConfig(device="cpu"))
+    labels, _ = tr.step(video[0], gt[0])
+    assert tr.geo.inner == (64, 96) and labels.shape == (128, 192)
+    with pytest.raises(InputError, match="0 \\(full size\\) or at least 16"):
+        PropagationConfig(max_side=8)
+
+
 def test_frames_are_read_lazily(tiny_model, clip):
     video, gt = clip
     source = Frames(video)

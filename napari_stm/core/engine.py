@@ -58,7 +58,8 @@ class PropagationConfig:
     motion_sigma: float | None = None
     #: a frame is written into long-lived memory only if its confidence reaches this (0: always)
     confidence_gate: float = 0.5
-    #: resize frames internally so their longer side is at most this (masks come back full size)
+    #: resize frames internally so their longer side is at most this (masks come back full
+    #: size); None: the network's working size (``VOSNetwork.working_side``), 0: full size
     max_side: int | None = None
     #: "cpu", "cuda", "mps"; None: where the model is
     device: str | None = None
@@ -89,8 +90,10 @@ class PropagationConfig:
             raise InputError(f"top_k must be positive, not {self.top_k}")
         if not 0 <= self.confidence_gate <= 1:
             raise InputError(f"confidence_gate must be in [0, 1], not {self.confidence_gate}")
-        if self.max_side is not None and self.max_side < 16:
-            raise InputError(f"max_side must be at least 16 pixels, not {self.max_side}")
+        if self.max_side is not None and self.max_side != 0 and self.max_side < 16:
+            raise InputError(
+                f"max_side must be 0 (full size) or at least 16 pixels, not {self.max_side}"
+            )
         if self.prefetch is not None and self.prefetch < 0:
             raise InputError(f"prefetch must be 0 (off) or more frames, not {self.prefetch}")
 
@@ -188,6 +191,11 @@ class _Net:
             # Networks written before the motion prior take four arguments.
             return self._segment(query, keys, values, top_k)
         return self._segment(query, keys, values, top_k, prior)
+
+
+def _geometry(size: tuple[int, int], model: VOSNetwork, config: PropagationConfig) -> Geometry:
+    side = model.working_side if config.max_side is None else config.max_side
+    return make_geometry(size, model.pad_multiple, side or None)
 
 
 def _or_eager(compiled: Callable, eager: Callable) -> Callable:
@@ -441,7 +449,7 @@ class Tracker:
         if reader.needs_range:
             self._intensity = reader.intensity_range
         if self.geo is None:
-            self.geo = make_geometry(reader.size, self.model.pad_multiple, self.config.max_side)
+            self.geo = _geometry(reader.size, self.model, self.config)
         elif reader.size != self.geo.size:
             raise InputError(
                 f"image size changed inside a session: {reader.size[1]}x{reader.size[0]}, "
@@ -655,7 +663,7 @@ class Propagator:
         self.config = config or PropagationConfig()
         self.reader = FrameReader(frames, self.config.normalize)
         self.device = torch.device(self.config.device) if self.config.device else model.device
-        self.geo = make_geometry(self.reader.size, model.pad_multiple, self.config.max_side)
+        self.geo = _geometry(self.reader.size, model, self.config)
         self.net = _Net(model, self.config, self.device)
         self.references: dict[int, np.ndarray] = {}
         self._entries: dict[int, tuple[Tensor, Tensor, MemoryEntry]] = {}

@@ -54,6 +54,9 @@ class VOSNetwork(nn.Module):
     default_top_k: int | None = None
     #: whether the engine gives the memory read its measured motion prior by default
     motion_prior: bool = False
+    #: longer side frames are resized to at most by default (None: full resolution): the scale
+    #: the network was trained at
+    working_side: int | None = None
 
     def encode_query(self, image: Tensor) -> QueryFeatures:
         """Encode a query frame [1, 3, H, W]."""

@@ -612,7 +612,8 @@ register(
         name="stm-lite",
         factory="napari_stm.core.stm_lite:STMLite",
         description="STM on an ImageNet EfficientNet-Lite0, trained by us (docs/model_card.md); "
-        "bundled, the default; weights for non-commercial research use",
+        "bundled, the default; works at 512 pixels a side unless --max-side says otherwise; "
+        "weights for non-commercial research use",
         weights="weights/stm_lite.pth",
         sha256="c478ad84843370379406636a80669b471e3d358c965bde98efd6bd235b6a7968",
     )

@@ -52,6 +52,13 @@ WHOLE = "whole stack"
 FROM_CURRENT = "from current frame"
 START_STOP = "start..stop"
 AUTO_DEVICE = "auto"
+MODEL_SIZE = "model default"
+#: "work at" choices -> PropagationConfig.max_side
+WORKING_SIZES: dict[str, int | None] = {
+    MODEL_SIZE: None,
+    "full size": 0,
+    **{f"{n} px": n for n in (256, 384, 512, 768, 1024, 2048)},
+}
 
 
 def device_choices() -> list[str]:
@@ -146,6 +153,14 @@ class PropagateWidget(Container):
             tooltip="Most frames the memory holds (painted frames and the previous frame "
             "included): bounds time and memory per frame on long stacks.",
         )
+        self._working_size = ComboBox(
+            label="work at",
+            choices=list(WORKING_SIZES),
+            value=MODEL_SIZE,
+            tooltip="Longer side the frames are resized to while propagating (masks come back "
+            "full size). 'model default': the size the model works best at (stm-lite: 512). "
+            "Larger sizes follow small objects in large frames better, at more time.",
+        )
         self._overwrite = ComboBox(
             label="overwrite",
             choices=[o.value for o in Overwrite],
@@ -177,6 +192,7 @@ class PropagateWidget(Container):
                 self._stop,
                 self._mem_every,
                 self._max_memory,
+                self._working_size,
                 self._overwrite,
                 buttons,
                 self._status,
@@ -322,6 +338,7 @@ class PropagateWidget(Container):
         config = PropagationConfig(
             mem_every=int(self._mem_every.value),
             max_memory=int(self._max_memory.value),
+            max_side=WORKING_SIZES[str(self._working_size.value)],
             device=None if device == AUTO_DEVICE else device,
         )
         return name, weights, device, config
@@ -343,6 +360,7 @@ class PropagateWidget(Container):
             mem_every=config.mem_every,
             max_memory=config.max_memory,
             memory=config.memory,
+            max_side=config.max_side,
             context=view.context_key(),
         )
         lo, hi = self._frame_range(image, view, direction)

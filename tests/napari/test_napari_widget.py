@@ -364,3 +364,11 @@ def test_layers_of_different_sizes_are_refused(make_napari_viewer, messages):
     widget = _add_widget(viewer)
     assert widget.run() is None
     assert "30x32 but the image's are 32x32" in messages["error"][-1]
+
+
+def test_working_size_reaches_the_engine(make_napari_viewer):
+    widget = _add_widget(_viewer_with_sample(make_napari_viewer))
+    assert widget._settings()[3].max_side is None  # the model's own working size
+    for choice, side in [("full size", 0), ("256 px", 256)]:
+        widget._working_size.value = choice
+        assert widget._settings()[3].max_side == side
