@@ -111,7 +111,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", help="checkpoint path or URL for the model")
     parser.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
     parser.add_argument(
-        "--max-side", type=int, help="segment at most this many pixels a side (faster)"
+        "--max-side",
+        type=int,
+        help="segment at most this many pixels a side (0: full size; default: the model's "
+        "working size, 512 for stm-lite)",
     )
     parser.add_argument(
         "--batch", type=int, default=20, help="frames per upload request (default: 20)"
