@@ -297,8 +297,7 @@ def _default_device() -> str:
 
 def build_model(name: str, device: str, stm_weights: str | None = None) -> tuple[Any, str]:
     """The network to time and where its weights come from (random weights time the same)."""
-    from napari_stm.core.errors import CheckpointError
-    from napari_stm.core.weights import available_models, load_model
+    from napari_stm.core.weights import load_model
 
     if name == "stm-resnet50":
         if stm_weights is None:
@@ -309,14 +308,9 @@ def build_model(name: str, device: str, stm_weights: str | None = None) -> tuple
             return _stm_from_recipe(Path(stm_weights), device), "make_weights.py"
         return load_model(name, weights=stm_weights, device=device, progress=False), "checkpoint"
     if name == "stm-lite":
-        if "stm-lite" in available_models():
-            try:
-                return load_model(name, device=device, progress=False), "trained"
-            except CheckpointError:
-                pass  # registered before its weights ship: time a random one
-        from napari_stm.core.stm_lite import STMLite
-
-        return STMLite(pretrained=False).eval().requires_grad_(False).to(device), "random"
+        # Its weights ship in the package: a load failure is a broken install, said as such
+        # (timing a random network instead would hide it).
+        return load_model(name, device=device, progress=False), "trained"
     model = load_model(name, device=device, progress=False)
     return model, "imagenet" if name == "lite0-match" else "default"
 
