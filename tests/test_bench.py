@@ -133,8 +133,9 @@ def clip():
     return make_clip(n_frames=T, height=H, width=W, seed=1)
 
 
-def propagate(model, frames, refs, prefetch, **kw):
-    prop = Propagator(model, frames, PropagationConfig(device="cpu", prefetch=prefetch))
+def propagate(model, frames, refs, prefetch, compile=False, **kw):
+    config = PropagationConfig(device="cpu", prefetch=prefetch, compile=compile)
+    prop = Propagator(model, frames, config)
     for t, lab in refs.items():
         prop.add_reference(t, lab)
     return list(prop.propagate(**kw))
@@ -238,9 +239,7 @@ def test_compiled_network_runs_and_matches(clip):
     video, gt = video[:6], gt[:6]
     model = TinyMatch()
     eager = propagate(model, video, {0: gt[0]}, 0)
-    prop = Propagator(model, video, PropagationConfig(device="cpu", compile=True))
-    prop.add_reference(0, gt[0])
-    compiled = list(prop.propagate())
+    compiled = propagate(model, video, {0: gt[0]}, 0, compile=True)
     assert hasattr(model, "_napari_stm_compiled")  # kept for the next video
     for a, b in zip(eager, compiled, strict=True):
         np.testing.assert_allclose(a.probs, b.probs, atol=1e-4)
@@ -264,9 +263,7 @@ def test_failed_compilation_falls_back_to_eager(clip, monkeypatch):
     video, gt = video[:4], gt[:4]
     model = TinyMatch()
     eager = propagate(model, video, {0: gt[0]}, 0)
-    prop = Propagator(model, video, PropagationConfig(device="cpu", compile=True))
-    prop.add_reference(0, gt[0])
     with pytest.warns(RuntimeWarning, match="torch.compile failed"):
-        fallback = list(prop.propagate())
+        fallback = propagate(model, video, {0: gt[0]}, 0, compile=True)
     for a, b in zip(eager, fallback, strict=True):
         np.testing.assert_array_equal(a.labels, b.labels)

@@ -138,6 +138,7 @@ class _Net:
         if self.channels_last:
             # In place and idempotent: the weights keep their values, only their layout changes.
             model.to(memory_format=torch.channels_last)
+        calls = (model.encode_query, model.encode_memory, model.segment)
         if config.compile:
             # Kept on the model, so every tracker and video of a session reuses one compilation.
             cache = getattr(model, "_napari_stm_compiled", None)
@@ -152,21 +153,10 @@ class _Net:
                 # makes a new one). Not measured on CUDA, so not used there.
                 options = {"freezing": True} if device.type == "cpu" else None
                 compiled = cache[device.type] = tuple(
-                    torch.compile(f, options=options)
-                    for f in (model.encode_query, model.encode_memory, model.segment)
+                    torch.compile(f, options=options) for f in calls
                 )
-            self._query, self._memory, self._segment = (
-                _or_eager(c, f)
-                for c, f in zip(
-                    compiled, (model.encode_query, model.encode_memory, model.segment), strict=True
-                )
-            )
-        else:
-            self._query, self._memory, self._segment = (
-                model.encode_query,
-                model.encode_memory,
-                model.segment,
-            )
+            calls = tuple(_or_eager(c, f) for c, f in zip(compiled, calls, strict=True))
+        self._query, self._memory, self._segment = calls
 
     def _layout(self, image: Tensor) -> Tensor:
         return image.contiguous(memory_format=torch.channels_last) if self.channels_last else image

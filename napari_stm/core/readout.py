@@ -144,6 +144,10 @@ def _chunked_dense_read(
     # Query-major: the softmax runs over contiguous rows (40% faster than memory-major at
     # stm-lite's 480p cap).
     step = max(1, min(QUERY_CHUNK, CHUNK_ELEMENTS // max(1, nk * m)))
+    if prior is not None:
+        # The bias is float32: the product that starts from it takes float32 operands, converted
+        # once here rather than in every chunk.
+        keys = keys.float()
     for start in range(0, p, step):
         q = query[:, :, start : start + step].transpose(1, 2)
         if prior is None:
@@ -154,7 +158,7 @@ def _chunked_dense_read(
             # The bias first, then one product adds the affinity to it: a pass over the chunk
             # fewer than adding them afterwards.
             bias = prior.bias(start, start + q.shape[1]).expand(nk, -1, -1)
-            aff = torch.baddbmm(bias, q.float(), keys.float(), alpha=scale)
+            aff = torch.baddbmm(bias, q.float(), keys, alpha=scale)
         weights = torch.softmax(_floored(aff), dim=2).to(values.dtype)
         out[:, :, start : start + q.shape[1]] = torch.bmm(weights, values_t).transpose(1, 2)
     return out
