@@ -21,8 +21,7 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model",
         default=None,
-        help="model name (default: stm-lite, bundled); "
-        "see `napari-stm models`",
+        help="model name (default: stm-lite, bundled); see `napari-stm models`",
     )
     g.add_argument("--weights", default=None, help="checkpoint path or http(s) URL")
     g.add_argument("--sha256", default=None, help="expected sha256 of the weights file")

@@ -106,6 +106,19 @@ def test_tensor_is_padded_network_input():
     assert x.sum() == 3 * 70 * 93  # the padding is zero
 
 
+@pytest.mark.parametrize("shape", [(2, 37, 50, 3), (2, 37, 50), (2, 37, 50, 4)])
+@pytest.mark.parametrize("max_side", [None, 32])
+def test_byte_frames_reach_the_network_exactly_as_read(shape, max_side):
+    # uint8 frames are converted on the device (the fast path); the numbers must be those of
+    # the float frame ``read`` gives.
+    frames = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    reader = FrameReader(frames)
+    geo = geometry(reader.size, 16, max_side)
+    x = reader.tensor(1, geo, torch.device("cpu"))
+    floats = torch.from_numpy(reader.read(1).transpose(2, 0, 1).copy())[None]
+    assert torch.equal(x, to_network(floats, geo))
+
+
 @pytest.mark.parametrize(
     ("frames", "message"),
     [

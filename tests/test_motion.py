@@ -69,9 +69,7 @@ def look_alike_cells_iou(model: TinyMatch, motion_sigma: float | None) -> float:
     ids = [i for i in range(1, 7) if (labels[0] == i).any()]
     prop = Propagator(model, frames, PropagationConfig(motion_sigma=motion_sigma))
     prop.add_reference(0, labels[0])
-    pred = {
-        r.t: r.labels for r in prop.propagate("forward") if not r.is_reference and r.t < 6
-    }
+    pred = {r.t: r.labels for r in prop.propagate("forward") if not r.is_reference and r.t < 6}
     return mean_iou(pred, labels, ids)
 
 
@@ -110,7 +108,6 @@ def test_config_overrides_the_measurement():
     assert Tracker(TinyMatch(), PropagationConfig()).motion_sigma is None
     official = PropagationConfig(memory="official", motion_sigma=0.07)
     assert Tracker(TinyMatchWithPrior(), official).motion_sigma is None
-
 
 
 class HazyMatch(TinyMatchWithPrior):

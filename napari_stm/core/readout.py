@@ -22,9 +22,10 @@ from torch import Tensor
 
 #: affinity elements computed at once by the chunked top-k read (about 64 MB of fp32)
 CHUNK_ELEMENTS = 16 * 1024 * 1024
-#: most query positions of one chunk of the dense read: a chunk's affinities then stay in the
-#: CPU's cache between the product, the softmax and the weighted sum (64 against 512: 20-40%
-#: faster at stm-lite's 480p cap)
+#: most query positions of one chunk of the dense read on CPU: a chunk's affinities then stay in
+#: the CPU's cache between the product, the softmax and the weighted sum (64 against 512: 20-40%
+#: faster at stm-lite's 480p cap). Accelerators take chunks of CHUNK_ELEMENTS: 64 rows would
+#: launch 25 times the kernels at 480p.
 QUERY_CHUNK = 64
 #: affinities further than this below their row's best are raised to it (see ``_floored``)
 SOFTMAX_FLOOR = 80.0
@@ -69,8 +70,29 @@ def memory_read(
     Nk is 1 (keys shared by all objects) or N (one key set per object). The affinity is the dot
     product times ``scale`` (default 1 / sqrt(Ck)) plus the ``prior``'s bias, normalised by a
     softmax over the M memory positions (all of them, or only the ``top_k`` largest per query
-    position).
+    position). The result has the query's dtype.
+
+    Reduced-precision inputs (half-precision memory, bfloat16 features under autocast) are read
+    with float32 affinities and softmax whatever autocast says, and the weighted sum in the
+    values' dtype: the prior's bias is a difference of terms in the hundreds that bfloat16
+    rounds by whole units (measured: an autocast read with the prior was off by 0.9 where the
+    values average 0.3), and an affinity rounded to bfloat16 shifts its weight by up to 10%.
     """
+    with torch.autocast(query_key.device.type, enabled=False):
+        out = _read(mem_keys, mem_values, query_key, top_k, scale, prior)
+    # The query's dtype is the caller's: autocast refuses to mix float16 with bfloat16 in
+    # ops that promote (torch.cat, torch.stack).
+    return out.to(query_key.dtype)
+
+
+def _read(
+    mem_keys: Tensor,
+    mem_values: Tensor,
+    query_key: Tensor,
+    top_k: int | None,
+    scale: float | None,
+    prior: MotionPrior | None,
+) -> Tensor:
     nk, ck, m = mem_keys.shape
     n, cv, m2 = mem_values.shape
     if m != m2:
@@ -100,9 +122,10 @@ def memory_read(
         # they also add the prior's bias, which SDPA could only take whole.
         out = _chunked_dense_read(mem_keys, values, query_key, scale, prior)
     else:
+        # The fused kernels take one dtype and keep their softmax in float32 themselves.
         out = F.scaled_dot_product_attention(
-            query_key.transpose(1, 2),  # [Nk, P, Ck]
-            mem_keys.transpose(1, 2),  # [Nk, M, Ck]
+            query_key.transpose(1, 2).to(values.dtype),  # [Nk, P, Ck]
+            mem_keys.transpose(1, 2).to(values.dtype),  # [Nk, M, Ck]
             values.transpose(1, 2),  # [Nk, M, Cv']
             scale=scale,
         ).transpose(1, 2)
@@ -143,13 +166,12 @@ def _chunked_dense_read(
     values_t = values.transpose(1, 2)  # [Nk, M, Cv']
     # Query-major: the softmax runs over contiguous rows (40% faster than memory-major at
     # stm-lite's 480p cap).
-    step = max(1, min(QUERY_CHUNK, CHUNK_ELEMENTS // max(1, nk * m)))
-    if prior is not None:
-        # The bias is float32: the product that starts from it takes float32 operands, converted
-        # once here rather than in every chunk.
-        keys = keys.float()
+    step = max(1, CHUNK_ELEMENTS // max(1, nk * m))
+    if query.device.type == "cpu":
+        step = min(QUERY_CHUNK, step)
+    keys = keys.float()  # once, not per chunk (no copy when already float32)
     for start in range(0, p, step):
-        q = query[:, :, start : start + step].transpose(1, 2)
+        q = query[:, :, start : start + step].transpose(1, 2).float()
         if prior is None:
             aff = torch.bmm(q, keys)  # [Nk, p', M]
             if scale != 1.0:
@@ -158,7 +180,7 @@ def _chunked_dense_read(
             # The bias first, then one product adds the affinity to it: a pass over the chunk
             # fewer than adding them afterwards.
             bias = prior.bias(start, start + q.shape[1]).expand(nk, -1, -1)
-            aff = torch.baddbmm(bias, q.float(), keys, alpha=scale)
+            aff = torch.baddbmm(bias, q, keys, alpha=scale)
         weights = torch.softmax(_floored(aff), dim=2).to(values.dtype)
         out[:, :, start : start + q.shape[1]] = torch.bmm(weights, values_t).transpose(1, 2)
     return out
@@ -189,12 +211,13 @@ def _topk_read(
     # Query-major affinity, so the k best memory rows are gathered instead of multiplying a
     # mostly-zero [M, P] weight matrix (3x faster at 480p with 10 memory frames).
     step = max(1, CHUNK_ELEMENTS // max(1, nk * max(m, k * cv)))
+    keys = keys.float()
     for start in range(0, p, step):
-        q = query[:, :, start : start + step]
+        q = query[:, :, start : start + step].float()
         n = q.shape[-1]
         aff = torch.bmm(q.transpose(1, 2), keys).mul_(scale)  # [Nk, p', M]
         if prior is not None:
-            aff = aff.float().add_(prior.bias(start, start + n))
+            aff.add_(prior.bias(start, start + n))
         top_val, top_idx = aff.topk(k, dim=2)  # [Nk, p', k]
         weights = torch.softmax(_floored(top_val), dim=2).to(values.dtype)
         rows = values_t.gather(1, top_idx.reshape(nk, n * k, 1).expand(-1, -1, cv))
