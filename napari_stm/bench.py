@@ -469,6 +469,9 @@ def _options_text(options: dict[str, Any]) -> str:
 
 def child_main() -> None:
     """Subprocess entry: a Case as JSON on stdin, rows as marked JSON lines on stdout."""
+    from napari_stm.core.host_memory import reuse_freed_memory
+
+    reuse_freed_memory()  # as the napari-stm command runs: the numbers are what users get
     case = Case(**json.loads(sys.stdin.read()))
     try:
         for row in measure(case):

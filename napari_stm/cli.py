@@ -150,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def console() -> None:
+    """The ``napari-stm`` command: this process is ours, so its malloc is tuned first."""
+    from napari_stm.core.host_memory import reuse_freed_memory
+
+    reuse_freed_memory()
+    sys.exit(main())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -387,4 +395,4 @@ class _OrderedTiff:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
