@@ -5,12 +5,10 @@ the GPU path show here without a GPU."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from official_reference import MAKE_WEIGHTS, REFERENCE, load_make_weights, strip_prefix
 
 from napari_stm.core import engine
 from napari_stm.core.engine import PropagationConfig, Propagator
@@ -18,8 +16,6 @@ from napari_stm.core.network import STM
 from napari_stm.core.readout import memory_read, motion_prior
 from napari_stm.core.weights import load_model
 from napari_stm.synthetic import make_clip
-
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "stm_official"
 
 
 @pytest.fixture
@@ -59,10 +55,7 @@ def test_read_under_autocast_keeps_float32_affinities(path):
 
 
 def _official_stm() -> STM:
-    spec = importlib.util.spec_from_file_location("stm_make_weights", REFERENCE / "make_weights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    state = {k.removeprefix("module."): v for k, v in module.make_state_dict(salt="").items()}
+    state = strip_prefix(load_make_weights().make_state_dict(salt=""))
     net = STM()
     net.load_state_dict(state, strict=True)
     return net.eval()
@@ -70,7 +63,7 @@ def _official_stm() -> STM:
 
 def _model(name: str) -> torch.nn.Module:
     if name == "stm-resnet50":
-        if not (REFERENCE / "make_weights.py").is_file():
+        if not MAKE_WEIGHTS.is_file():
             pytest.skip(f"official STM reference files not found at {REFERENCE}")
         return _official_stm()
     return load_model(name, device="cpu")

@@ -3,49 +3,34 @@ reproduces the official implementation's numbers (fixture made by running the of
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from official_reference import FIXTURE, MAKE_WEIGHTS, REFERENCE, load_make_weights, strip_prefix
 
 from napari_stm.core.errors import InputError
 from napari_stm.core.network import STM
 from napari_stm.core.readout import soft_aggregate
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "stm_official"
-FIXTURE = REFERENCE / "fixture"
 OFFICIAL_SLOTS = 11  # the official evaluation aggregates over 11 object slots
 TOL = 1e-4
 
 needs_reference = pytest.mark.skipif(
-    not (REFERENCE / "make_weights.py").is_file(),
+    not MAKE_WEIGHTS.is_file(),
     reason=f"official STM reference files not found at {REFERENCE}",
 )
 
 
-def _make_weights_module():
-    spec = importlib.util.spec_from_file_location("stm_make_weights", REFERENCE / "make_weights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _strip_prefix(state_dict):
-    return {k.removeprefix("module."): v for k, v in state_dict.items()}
-
-
 @pytest.fixture(scope="module")
 def make_weights():
-    if not (REFERENCE / "make_weights.py").is_file():
+    if not MAKE_WEIGHTS.is_file():
         pytest.skip(f"official STM reference files not found at {REFERENCE}")
-    return _make_weights_module()
+    return load_make_weights()
 
 
 @pytest.fixture(scope="module")
 def official_weights(make_weights):
-    return _strip_prefix(make_weights.make_state_dict(salt=""))
+    return strip_prefix(make_weights.make_state_dict(salt=""))
 
 
 @pytest.fixture(scope="module")

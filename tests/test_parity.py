@@ -7,15 +7,13 @@ the official code); skips with a message naming the missing path otherwise.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from official_reference import FIXTURE, MAKE_WEIGHTS, load_make_weights
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "stm_official"
-FIXTURE = REFERENCE / "fixture"
 TOL = 1e-4
 
 pytestmark = pytest.mark.slow
@@ -23,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def official() -> dict[str, np.ndarray]:
-    needed = [REFERENCE / "make_weights.py", FIXTURE / "clip.npz", FIXTURE / "official_outputs.npz"]
+    needed = [MAKE_WEIGHTS, FIXTURE / "clip.npz", FIXTURE / "official_outputs.npz"]
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
         pytest.skip(f"official STM reference files not found: {', '.join(missing)}")
@@ -40,10 +38,7 @@ def official() -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def weights(official, tmp_path_factory) -> Path:
     """The deterministic weights, saved like the official STM_weights.pth (``module.`` keys)."""
-    spec = importlib.util.spec_from_file_location("stm_make_weights", REFERENCE / "make_weights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    state_dict = module.make_state_dict(salt="")
+    state_dict = load_make_weights().make_state_dict(salt="")
     assert all(k.startswith("module.") for k in state_dict)
     path = tmp_path_factory.mktemp("weights") / "STM_weights.pth"
     torch.save(state_dict, path)

@@ -17,14 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from official_reference import REFERENCE as OFFICIAL
+from official_reference import load_make_weights
 from torch import nn
 
 from napari_stm.core import weights as W
 from napari_stm.core.errors import CheckpointError, InputError
 from napari_stm.core.model import VOSNetwork
-
-ROOT = Path(__file__).resolve().parents[1]
-OFFICIAL = ROOT.parent / "shared" / "reference" / "stm_official"
 
 
 class TinyNet(VOSNetwork):
@@ -531,9 +530,7 @@ def test_official_layout_loads_into_stm_resnet50(tmp_path):
         pytest.skip(f"reference files not found at {OFFICIAL} (../shared beside the repository)")
     if importlib.util.find_spec("napari_stm.core.network") is None:
         pytest.skip("napari_stm/core/network.py does not exist yet")
-    spec = importlib.util.spec_from_file_location("stm_make_weights", OFFICIAL / "make_weights.py")
-    make_weights = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_weights)
+    make_weights = load_make_weights()
     torch.set_num_threads(1)
     official = make_weights.make_state_dict()
     assert all(k.startswith("module.") for k in official)
