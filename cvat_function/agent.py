@@ -84,8 +84,7 @@ def create(
     max_side: int | None = None,
 ) -> StmTrackingFunction:
     """The function cvat-cli runs: ``-p model=str:NAME -p weights=str:PATH -p device=str:cuda``."""
-    from cvat_function.nuclio.model_handler import default_model_name
-    from napari_stm.core.weights import load_model
+    from napari_stm.core.weights import default_model_name, load_model
 
     net = load_model(model or default_model_name(), weights=weights, device=device)
     return StmTrackingFunction(net, PropagationConfig(max_side=max_side))

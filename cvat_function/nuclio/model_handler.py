@@ -63,13 +63,6 @@ class RequestError(Exception):
         self.message = message
 
 
-def default_model_name() -> str:
-    """The model the function serves when NAPARI_STM_MODEL is empty (the bundled stm-lite)."""
-    from napari_stm.core.weights import default_model_name as core_default
-
-    return core_default()
-
-
 @dataclass
 class HandlerSettings:
     """What the function runs; each field has a ``NAPARI_STM_*`` environment variable."""
@@ -123,7 +116,7 @@ class ModelHandler:
     @classmethod
     def from_env(cls, logger: Any = None) -> ModelHandler:
         """Load the model named by the environment once (``init_context`` calls this)."""
-        from napari_stm.core.weights import load_model
+        from napari_stm.core.weights import default_model_name, load_model
 
         settings = HandlerSettings.from_env()
         name = settings.model or default_model_name()
@@ -372,7 +365,6 @@ __all__ = [
     "ModelHandler",
     "RequestError",
     "decode_image",
-    "default_model_name",
     "make_state",
     "parse_body",
 ]
