@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_network import TinyMatch, mean_iou
 
 from napari_stm.core import motion
 from napari_stm.core.engine import PropagationConfig, Propagator, Tracker
 from napari_stm.core.motion import MotionEstimate
 from napari_stm.synthetic import make_clip, make_timelapse
-from tests.tiny_network import TinyMatch, mean_iou
 
 
 def square(y: int, x: int, size: int = 64, side: int = 8) -> torch.Tensor:

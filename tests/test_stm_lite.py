@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from tiny_network import iou
 
 from napari_stm.core.backbones import efficientnet_lite0
 from napari_stm.core.engine import PropagationConfig, Propagator
@@ -21,7 +22,6 @@ from napari_stm.core.weights import (
     unregister,
 )
 from napari_stm.synthetic import make_clip
-from tests.tiny_network import iou
 
 H, W = 64, 96
 
