@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["make_clip", "make_timelapse"]
+__all__ = ["make_cell_timelapse", "make_clip", "make_timelapse"]
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
@@ -431,4 +431,172 @@ def make_timelapse(
         counts = rng.poisson(np.maximum(expected, 0)).astype(np.float32)
         counts += 5.0 * rng.standard_normal(counts.shape).astype(np.float32)
         frames[t] = counts / 65535
+    return _to_dtype(frames, dtype), labels
+
+
+def make_cell_timelapse(
+    n_frames: int = 8,
+    height: int = 160,
+    width: int = 160,
+    n_cells: int = 12,
+    diameter: float = 40.0,
+    modality: str = "fluorescence",
+    divisions: int = 2,
+    entering: int = 1,
+    bleaching: float = 0.02,
+    speed: float = 0.1,
+    snr: float = 1.0,
+    seed: int = 0,
+    dtype: np.dtype | type = np.uint16,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A crowded microscopy time-lapse: touching, deforming, dividing cells, some entering.
+
+    ``modality`` is ``"fluorescence"`` (bright textured nuclei on a dark offset, blur, Poisson
+    and read noise, photobleaching: the signal falls by ``bleaching`` per frame) or ``"dic"``
+    (label-free differential interference contrast: the gradient of the cells' optical
+    thickness along a shear direction, relief-like, on a grey, unevenly lit field).
+    ``diameter`` is the median cell diameter in pixels (each cell within +-25 %), ``speed`` the
+    typical displacement per frame as a share of it, ``snr`` scales the photon budget (lower is
+    noisier).
+
+    Returns ``frames`` [T, H, W] of ``dtype`` and ``labels`` [T, H, W] uint8 as *lineages*:
+    ``divisions`` cells split mid-clip and both daughters keep the mother's id (the target when
+    one follows "this cell and its progeny"); ``entering`` cells come in across the border
+    with new ids after the first ``n_cells``. Later-drawn cells cover earlier ones where they
+    touch.
+    """
+    _check_size(n_frames, height, width)
+    if modality not in ("fluorescence", "dic"):
+        raise ValueError(f"modality must be 'fluorescence' or 'dic', got {modality!r}")
+    if not 1 <= n_cells + entering <= 255:
+        raise ValueError(f"n_cells + entering must be between 1 and 255, got {n_cells + entering}")
+    if diameter < 4:
+        raise ValueError(f"diameter must be at least 4 pixels, got {diameter}")
+    rng = np.random.default_rng(seed)
+    fluo = modality == "fluorescence"
+    step = speed * diameter
+
+    def cell(label: int, centre: np.ndarray, velocity: np.ndarray) -> _Sprite:
+        radius = diameter / 2 * rng.uniform(0.75, 1.25)
+        harmonics = np.array(
+            [
+                [2, rng.uniform(0.03, 0.2), rng.uniform(0, 6)],
+                [3, rng.uniform(0.0, 0.08), rng.uniform(0, 6)],
+                [5, rng.uniform(0.0, 0.04), rng.uniform(0, 6)],
+            ]
+        )
+        size = 2 * int(np.ceil(radius * 1.9)) + 3
+        body = 1.0 + rng.uniform(0.05, 0.3) * _smooth_noise(rng, (size, size), max(radius / 4, 1))
+        spots = np.clip(_smooth_noise(rng, (size, size), max(radius / 8, 0.7)) - 1.0, 0, None)
+        brightness = rng.uniform(0.4, 1.0) if fluo else rng.uniform(0.6, 1.0)
+        texture = (brightness * (body + rng.uniform(0.2, 0.8) * spots))[..., None]
+        return _Sprite(
+            label=label,
+            radius=radius,
+            harmonics=harmonics,
+            texture=texture.astype(np.float32),
+            center0=centre,
+            velocity=velocity,
+            wobble=np.stack(
+                [
+                    rng.uniform(0.2, 1.0, 2) * step,
+                    rng.uniform(0.2, 0.8, 2),
+                    rng.uniform(0, 6, 2),
+                ],
+                axis=1,
+            ),
+            angle0=rng.uniform(0, 2 * np.pi),
+            spin=rng.uniform(-0.06, 0.06),
+            scale_amp=rng.uniform(0.0, 0.08),
+            scale_freq=rng.uniform(0.1, 0.4),
+            # Fluorescence: brighter rim of a flattened nucleus; DIC: a dome of optical thickness.
+            shading=-0.3 if fluo else 0.9,
+        )
+
+    cells = [
+        cell(
+            k + 1,
+            np.array([rng.uniform(0, height), rng.uniform(0, width)]),
+            rng.standard_normal(2) * step,
+        )
+        for k in range(n_cells)
+    ]
+    for k in range(entering):
+        # Starts just outside one border, heads inwards, arrives within the clip.
+        side = int(rng.integers(4))
+        along = rng.uniform(0.2, 0.8)
+        r = diameter * 0.7
+        start = {
+            0: (-r, along * width),
+            1: (height + r, along * width),
+            2: (along * height, -r),
+            3: (along * height, width + r),
+        }[side]
+        inward = {0: (1, 0), 1: (-1, 0), 2: (0, 1), 3: (0, -1)}[side]
+        t_in = rng.uniform(0, max(n_frames - 2, 1))
+        v = np.array(inward, dtype=float) * 2.5 * r / max(n_frames - t_in, 1)
+        cells.append(cell(n_cells + k + 1, np.array(start) - v * t_in, v))
+    order = list(rng.permutation(len(cells)))
+
+    # Divisions: the mother stretches for 3 frames, then two smaller daughters move apart.
+    dividing: dict[int, tuple[int, list[_Sprite]]] = {}
+    for k in rng.permutation(n_cells)[: min(divisions, n_cells)] if n_frames >= 2 else []:
+        mother = cells[int(k)]
+        t_div = int(rng.integers(1, n_frames)) if n_frames > 1 else 0
+        daughters = []
+        for _ in range(2):
+            d = cell(mother.label, mother.center0, mother.velocity)
+            d.radius = mother.radius * 0.75
+            d.texture = mother.texture * 1.15
+            d.wobble = np.zeros((2, 3))
+            daughters.append(d)
+        dividing[int(k)] = (t_div, daughters)
+
+    density = np.empty((n_frames, height, width), np.float32)
+    labels = np.zeros((n_frames, height, width), np.uint8)
+    for t in range(n_frames):
+        canvas = np.zeros((height, width, 1), np.float32)
+        for k in order:
+            c = cells[k]
+            if k in dividing and t >= dividing[k][0]:
+                t_div, daughters = dividing[k]
+                (cy, cx), angle, _ = c.pose(float(t_div))
+                axis = np.array([np.sin(angle), np.cos(angle)])
+                sep = c.radius * (0.8 + 0.25 * min(t - t_div, 4))
+                for sign, d in zip((1.0, -1.0), daughters, strict=True):
+                    d.center0 = np.array([cy, cx]) + sign * axis * sep - c.velocity * t_div
+                    d.angle0 = angle + np.pi / 2
+                    d.draw(canvas, labels[t], float(t))
+            else:
+                if k in dividing:
+                    c.aspect = 1.0 + 0.35 * np.clip((t - (dividing[k][0] - 3)) / 3, 0, 1)
+                c.draw(canvas, labels[t], float(t))
+        density[t] = canvas[..., 0]
+
+    side = min(height, width)
+    illumination = 1.0 + rng.uniform(0.0, 0.15) * _smooth_noise(rng, (height, width), side / 3)
+    frames = np.empty((n_frames, height, width), np.float32)
+    if fluo:
+        offset = rng.uniform(0.002, 0.02)
+        photons = rng.uniform(200, 3000) * snr  # photons at full brightness
+        blur = rng.uniform(0.6, 1.5)
+        for t in range(n_frames):
+            signal = ndimage.gaussian_filter(density[t], blur) * np.exp(-bleaching * t)
+            expected = (0.03 + signal * illumination) * photons
+            counts = rng.poisson(np.maximum(expected, 0)).astype(np.float32) / photons
+            frames[t] = offset + 0.2 * counts + rng.uniform(0.0005, 0.003) * rng.standard_normal(
+                (height, width)
+            ).astype(np.float32)
+    else:
+        shear = rng.uniform(0, 2 * np.pi)
+        relief = rng.uniform(0.15, 0.4) / max(diameter / 40, 0.5)
+        grey = rng.uniform(0.35, 0.55)
+        noise = rng.uniform(0.005, 0.03) / snr
+        for t in range(n_frames):
+            thick = ndimage.gaussian_filter(density[t], rng.uniform(1.0, 2.0))
+            gy, gx = np.gradient(thick)
+            dic = np.cos(shear) * gx + np.sin(shear) * gy
+            frames[t] = (grey + relief * dic * diameter / 8) * illumination + noise * (
+                rng.standard_normal((height, width)).astype(np.float32)
+            )
     return _to_dtype(frames, dtype), labels

@@ -58,6 +58,29 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="comma-separated DAVIS sequences kept out of training (for validation)",
     )
     g.add_argument(
+        "--ctc",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="microscopy time-lapses in the Cell Tracking Challenge layout (DIR/raw_tif/t000.tif "
+        "with DIR/Annotations_lineage/00000.png or DIR/Annotations/00000.png)",
+    )
+    g.add_argument("--ctc-weight", type=float, default=1.0, help="default: %(default)s")
+    g.add_argument(
+        "--ctc-columns",
+        default="0:1",
+        metavar="A:B",
+        help="train on this band of each time-lapse's width only, as shares (0:0.5 = left "
+        "half; the rest stays held out). Default: %(default)s",
+    )
+    g.add_argument(
+        "--cells-weight",
+        type=float,
+        default=0.0,
+        help="share of procedural microscopy time-lapses (fluorescence and DIC; default: "
+        "%(default)s)",
+    )
+    g.add_argument(
         "--max-gap", type=int, default=25, help="largest frame gap in video clips (%(default)s)"
     )
     g.add_argument(
@@ -92,6 +115,14 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="store_true",
         help="also train the ImageNet image encoder (at lr / 10)",
     )
+    g.add_argument(
+        "--motion-prior",
+        type=float,
+        default=d.motion_probability,
+        metavar="P",
+        help="share of steps whose memory read goes through the engine's motion prior "
+        "(default: %(default)s)",
+    )
     g.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
 
     g = p.add_argument_group("hardware and logging")
@@ -125,8 +156,17 @@ def build_dataset(args: argparse.Namespace, crop: int):  # noqa: ANN201 - a torc
         curriculum = int(args.curriculum * args.iterations * args.batch_size)
         video = ds.DavisDataset(sequences, max_gap=args.max_gap, curriculum=curriculum, **common)
         parts.append((video, args.davis_weight))
-    elif args.stage == 2:
-        raise InputError("stage 2 trains on videos: pass --davis ROOT")
+    if args.ctc:
+        try:
+            a, b = (float(x) for x in args.ctc_columns.split(":"))
+        except ValueError:
+            raise InputError(f"--ctc-columns must be A:B, got {args.ctc_columns!r}") from None
+        sequences = ds.find_ctc_sequences(args.ctc)
+        parts.append((ds.CtcDataset(sequences, columns=(a, b), **common), args.ctc_weight))
+    if args.cells_weight > 0:
+        parts.append((ds.CellTimelapseDataset(**common), args.cells_weight))
+    if args.stage == 2 and not (args.davis or args.ctc):
+        raise InputError("stage 2 trains on videos: pass --davis ROOT and/or --ctc DIR")
     if not parts:
         raise InputError("no training data: every source has weight 0")
     if len(parts) == 1:
@@ -167,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
         log_every=args.log_every,
         save_every=args.save_every,
         init=args.init,
+        motion_probability=args.motion_prior,
     )
     dataset = build_dataset(args, crop)
     bar = None

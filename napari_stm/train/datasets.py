@@ -10,6 +10,15 @@ Three sources, all giving the same sample layout:
   over textured backgrounds, crossing paths), so training runs with no external data at all.
 - :class:`DavisDataset`: real videos in the DAVIS layout, a few frames per sample whose maximum
   frame gap grows during training (the paper's curriculum, 0 -> 25).
+- :class:`CtcDataset`: real microscopy time-lapses in the Cell Tracking Challenge layout
+  (``raw_tif/t000.tif`` + ``Annotations*/00000.png``), optionally restricted to a band of
+  columns (the rest held out), zoomed so the cells land at a chosen size in the crop.
+- :class:`CellTimelapseDataset`: procedural fluorescence and DIC time-lapses of
+  :func:`napari_stm.synthetic.make_cell_timelapse` (crowded, dividing, entering cells).
+
+Microscopy frames are normalised exactly as the engine normalises a user's frames
+(:class:`napari_stm.core.frames.FrameReader`: uint8 / 255, other dtypes by robust percentiles,
+grey to three channels), then augmented (:func:`augment_microscopy`).
 
 A sample is ``{"images": float32 [T, 3, S, S] in [0, 1], "labels": int64 [T, S, S]}`` with labels
 0 (background) and 1..K (``objects`` = K slots; objects are taken from those present in the first
@@ -568,6 +577,252 @@ class DavisDataset(_ClipDataset):
             frames[k] = warp_image(image, grid)
             labels[k] = warp_labels(torch.from_numpy(labels_np[k]), grid)
         return jitter_colours(rng, frames), labels
+
+
+# --------------------------------------------------------------------------- microscopy
+
+
+def augment_microscopy(rng: np.random.Generator, frames: Tensor) -> Tensor:
+    """Intensity, gamma, blur and noise changes of grey [T, 3, S, S] frames in [0, 1].
+
+    One draw per clip (a microscope's settings hold over a time-lapse) and a weaker one per
+    frame (photobleaching, focus drift). Kept grey: the three channels stay equal.
+    """
+    t = frames.shape[0]
+    x = frames[:, :1].clone()
+    gamma = math.exp(rng.uniform(-0.4, 0.4))
+    gain, offset = rng.uniform(0.7, 1.3), rng.uniform(-0.1, 0.1)
+    blur = rng.uniform(0.3, 1.2) if rng.random() < 0.3 else 0.0
+    noise = rng.uniform(0.0, 0.06) if rng.random() < 0.5 else 0.0
+    if blur > 0:
+        radius = max(1, math.ceil(2.5 * blur))
+        k = torch.exp(-(torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2) / (2 * blur**2))
+        k = k / k.sum()
+        x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+        x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
+    for i in range(t):
+        drift = rng.uniform(0.95, 1.05)
+        y = x[i].clamp(0, 1) ** gamma
+        y = (y - y.mean()) * gain * drift + y.mean() + offset
+        if noise > 0:
+            gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+            y = y + noise * torch.randn(y.shape, generator=gen)
+        x[i] = y
+    return x.clamp(0.0, 1.0).expand(-1, 3, -1, -1).contiguous()
+
+
+def _turn(rng: np.random.Generator) -> np.ndarray:
+    """A random 90-degree rotation (and flip) as a 2x3 map: microscopy has no up or down."""
+    k = int(rng.integers(4))
+    c, s = [1.0, 0.0, -1.0, 0.0][k], [0.0, 1.0, 0.0, -1.0][k]
+    m = np.array([[c, -s, 0.0], [s, c, 0.0]])
+    if rng.random() < 0.5:
+        m[:, 0] *= -1
+    return m
+
+
+def _median_diameter(labels: np.ndarray) -> float | None:
+    """Median equivalent diameter (pixels) of the objects of a label image."""
+    counts = np.bincount(labels.ravel())[1:]
+    counts = counts[counts > 0]
+    if not len(counts):
+        return None
+    return float(np.median(2 * np.sqrt(counts / math.pi)))
+
+
+class _Frames:
+    """A CTC sequence's frames (``len`` and ``[t]``, as FrameReader wants them), each decoded
+    once per process: a time-lapse is small (tens of MB) and LZW decoding is slow."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = list(paths)
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, t: int) -> np.ndarray:
+        import tifffile
+
+        if t not in self._cache:
+            self._cache[t] = tifffile.imread(self.paths[t])
+        return self._cache[t]
+
+
+def find_ctc_sequences(
+    roots: Sequence[str | os.PathLike],
+    annotations: Sequence[str] = ("Annotations_lineage", "Annotations"),
+) -> dict[str, list[tuple[Path, Path]]]:
+    """``<root>/raw_tif/t000.tif ...`` with ``<root>/<annotations>/00000.png ...`` -> {name:
+    [(frame, labels)]} for each root, the first annotation folder of ``annotations`` present.
+
+    Frame ``tNNN`` pairs with labels ``NNNNN``; frames without labels are skipped.
+    """
+    out: dict[str, list[tuple[Path, Path]]] = {}
+    for root in roots:
+        root = Path(root)
+        raw = root / "raw_tif"
+        if not raw.is_dir():
+            raise InputError(f"{root} is not a Cell Tracking Challenge sequence (no raw_tif/)")
+        ann = next((root / a for a in annotations if (root / a).is_dir()), None)
+        if ann is None:
+            raise InputError(f"{root} has none of the label folders {', '.join(annotations)}")
+        labels = {int(p.stem): p for p in ann.glob("*.png") if p.stem.isdigit()}
+        frames = []
+        for p in sorted(raw.glob("t*.tif*")):
+            digits = p.stem.split(".")[0][1:]
+            if digits.isdigit() and int(digits) in labels:
+                frames.append((p, labels[int(digits)]))
+        if len(frames) < 2:
+            raise InputError(f"{root}: fewer than 2 frames with labels in {ann.name}/")
+        out[root.name] = frames
+    return out
+
+
+class CtcDataset(_ClipDataset):
+    """Real microscopy clips: ``frames`` consecutive-ish frames of a CTC sequence.
+
+    Only ``columns`` (a share of the width, e.g. (0, 0.5) for the left half) is ever read, so
+    the rest of each sequence stays held out. The crop is zoomed so that the cells' median
+    diameter lands log-uniformly in ``cell_px`` pixels of the crop (the network meets 20- and
+    300-pixel cells at the size it works best at); then 90-degree turns, flips, a mild affine
+    per frame and :func:`augment_microscopy`.
+    """
+
+    salt = 5
+
+    def __init__(
+        self,
+        sequences: dict[str, list[tuple[Path, Path]]],
+        crop: int = 384,
+        frames: int = 3,
+        objects: int = 2,
+        seed: int = 0,
+        max_gap: int = 3,
+        columns: tuple[float, float] = (0.0, 1.0),
+        cell_px: tuple[float, float] = (16.0, 96.0),
+        length: int = 1_000_000,
+    ) -> None:
+        if not sequences:
+            raise InputError("CtcDataset needs at least one sequence")
+        if not 0 <= columns[0] < columns[1] <= 1:
+            raise InputError(f"columns must be 0 <= a < b <= 1, got {columns}")
+        self.sequences = sequences
+        self.names = sorted(sequences)
+        self.crop, self.frames, self.objects = crop, frames, objects
+        self.seed, self.max_gap, self.length = seed, max_gap, length
+        self.columns, self.cell_px = columns, cell_px
+        self._readers: dict[str, object] = {}
+        self._label_cache: dict[tuple[str, int], np.ndarray] = {}
+
+    def _labels(self, name: str, i: int) -> np.ndarray:
+        key = (name, i)
+        if key not in self._label_cache:
+            self._label_cache[key] = _read_labels(self.sequences[name][i][1]).astype(np.uint8)
+        return self._label_cache[key].astype(np.int64)
+
+    def _reader(self, name: str):  # noqa: ANN202 - a FrameReader
+        from napari_stm.core.frames import FrameReader
+
+        if name not in self._readers:
+            self._readers[name] = FrameReader(_Frames([f for f, _ in self.sequences[name]]))
+        return self._readers[name]
+
+    def _clip(self, rng: np.random.Generator, index: int) -> tuple[Tensor, Tensor]:
+        s, t = self.crop, self.frames
+        name = self.names[int(rng.integers(len(self.names)))]
+        files = self.sequences[name]
+        idx = choose_frames(rng, len(files), t, self.max_gap)
+        if rng.random() < 0.5:
+            idx = idx[::-1]
+        labels_np = [self._labels(name, int(i)) for i in idx]
+        h, w = labels_np[0].shape
+        x0, x1 = int(self.columns[0] * w), int(self.columns[1] * w)
+        region = labels_np[0][:, x0:x1]
+        diam = _median_diameter(region) or 0.1 * min(h, x1 - x0)
+        target = math.exp(rng.uniform(*np.log(self.cell_px)))
+        side = min(s * diam / target, h, x1 - x0)
+        best, best_count = None, -1
+        for _ in range(CROP_TRIES):
+            cy = rng.uniform(side / 2, h - side / 2)
+            cx = rng.uniform(x0 + side / 2, x1 - side / 2)
+            ya, xa = int(cy - side / 2), int(cx - side / 2)
+            count = int((labels_np[0][ya : ya + int(side), xa : xa + int(side)] > 0).sum())
+            if count > best_count:
+                best, best_count = (cy, cx), count
+            if count >= 0.1 * side * side:
+                break
+        assert best is not None
+        # Only a window around the crop is warped (the per-frame affine moves it a little):
+        # the whole frame would be shrunk and sampled for nothing.
+        m = 0.15 * side
+        ya, yb = max(0, int(best[0] - side / 2 - m)), min(h, int(best[0] + side / 2 + m) + 1)
+        # The window stops at the band's edges: held-out columns are never read.
+        xa, xb = max(x0, int(best[1] - side / 2 - m)), min(x1, int(best[1] + side / 2 + m) + 1)
+        centre = (best[0] - ya, best[1] - xa)
+        base = compose(crop_map(centre, side, (yb - ya, xb - xa)), _turn(rng))
+        reader = self._reader(name)
+        frames = torch.empty(t, 1, s, s)
+        labels = torch.empty(t, s, s, dtype=torch.long)
+        for k, i in enumerate(idx):
+            window = reader.read(int(i))[ya:yb, xa:xb, :1]  # grey: its channels are equal
+            image = _shrink(torch.from_numpy(np.ascontiguousarray(window)).permute(2, 0, 1), s)
+            theta = affine(rng, rotate=5, scale=(0.97, 1.03), translate=0.01)
+            grid = make_grid(compose(base, theta), s)
+            frames[k] = warp_image(image, grid)
+            labels[k] = warp_labels(torch.from_numpy(labels_np[k][ya:yb, xa:xb]), grid)
+        return augment_microscopy(rng, frames.expand(-1, 3, -1, -1)), labels
+
+
+class CellTimelapseDataset(_ClipDataset):
+    """Procedural microscopy clips (:func:`napari_stm.synthetic.make_cell_timelapse`).
+
+    Half fluorescence, half DIC; cell diameters log-uniform in ``cell_px`` pixels of the crop,
+    5-60 % of the crop covered by cells, uint8 or uint16 frames normalised as the engine does.
+    """
+
+    salt = 6
+
+    def __init__(
+        self,
+        crop: int = 384,
+        frames: int = 3,
+        objects: int = 2,
+        seed: int = 0,
+        cell_px: tuple[float, float] = (14.0, 96.0),
+        length: int = 1_000_000,
+    ) -> None:
+        self.crop, self.frames, self.objects = crop, frames, objects
+        self.seed, self.cell_px, self.length = seed, cell_px, length
+
+    def _clip(self, rng: np.random.Generator, index: int) -> tuple[Tensor, Tensor]:
+        from napari_stm.core.frames import FrameReader
+        from napari_stm.synthetic import make_cell_timelapse
+
+        s, t = self.crop, self.frames
+        diameter = math.exp(rng.uniform(*np.log(self.cell_px)))
+        coverage = rng.uniform(0.05, 0.6)
+        n_cells = int(np.clip(round(coverage * s * s / (math.pi * diameter**2 / 4)), 1, 200))
+        video, labs = make_cell_timelapse(
+            n_frames=t,
+            height=s,
+            width=s,
+            n_cells=n_cells,
+            diameter=diameter,
+            modality="dic" if rng.random() < 0.5 else "fluorescence",
+            divisions=int(rng.integers(0, 3)),
+            entering=int(rng.integers(0, 3)),
+            bleaching=rng.uniform(0.0, 0.05),
+            speed=rng.uniform(0.02, 0.25),
+            snr=math.exp(rng.uniform(-1.0, 1.0)),
+            seed=int(rng.integers(2**31)),
+            dtype=np.uint8 if rng.random() < 0.3 else np.uint16,
+        )
+        reader = FrameReader(video)
+        frames = torch.stack(
+            [torch.from_numpy(reader.read(i)).permute(2, 0, 1) for i in range(t)]
+        )
+        return augment_microscopy(rng, frames), torch.from_numpy(labs.astype(np.int64))
 
 
 # --------------------------------------------------------------------------- mixing

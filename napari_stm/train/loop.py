@@ -1,8 +1,10 @@
-"""The training loop: the engine's own calls on 3-frame clips, AdamW, checkpoints that resume.
+"""The training loop: the engine's own calls on T-frame clips, AdamW, checkpoints that resume.
 
 One step is exactly what the propagation engine does on a video: frame 0 and its true masks go
 into memory, frame 1 is segmented, frame 1 with its predicted (soft-aggregated) probabilities
-goes into memory, frame 2 is segmented from memory {0, 1}. The loss is the cross-entropy of the
+goes into memory, frame 2 is segmented from memory {0, 1}, and so on: later frames are read
+from memory holding the network's own predictions, where masks shrink or drift if they do
+(optionally through the engine's motion prior). The loss is the cross-entropy of the
 soft-aggregated predictions of frames 1.. against their labels.
 
 Reproducible: the model is initialised from ``seed``; sample ``j`` of step ``s`` is dataset index
@@ -30,6 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from napari_stm.core.errors import CheckpointError, InputError
+from napari_stm.core.readout import motion_prior
 from napari_stm.core.stm_lite import STMLite
 from napari_stm.core.weights import load_state_dict, read_state_dict, resolve_device
 from napari_stm.train.losses import (
@@ -85,6 +88,10 @@ class TrainConfig:
     save_every: int = 500
     #: weights (a stm-lite checkpoint) to start from, e.g. the end of stage 1
     init: str | None = None
+    #: share of steps that read memory through the engine's motion prior, its spread per clip
+    #: frame drawn log-uniformly in ``motion_sigma`` (a share of the crop's side)
+    motion_probability: float = 0.0
+    motion_sigma: tuple[float, float] = (0.05, 0.3)
 
     def __post_init__(self) -> None:
         for name in ("iterations", "batch_size", "log_every", "save_every", "objects"):
@@ -106,12 +113,19 @@ def one_hot_masks(labels: Tensor, objects: int) -> Tensor:
     return F.one_hot(labels, objects + 1)[..., 1:].permute(0, 3, 1, 2).float()
 
 
-def clip_logits(model: STMLite, images: Tensor, labels: Tensor, objects: int) -> list[Tensor]:
+def clip_logits(
+    model: STMLite,
+    images: Tensor,
+    labels: Tensor,
+    objects: int,
+    motion_sigma: float | None = None,
+) -> list[Tensor]:
     """Soft-aggregated class logits [B, 1 + objects, S, S] of frames 1..T-1 of a batch of clips,
     computed with the engine's sequence of network calls.
 
     ``images`` [B, T, 3, S, S] in [0, 1], ``labels`` [B, T, S, S] (0..objects); only frame 0's
-    labels are used.
+    labels are used. ``motion_sigma``: the engine's position-aware read
+    (:func:`napari_stm.core.readout.motion_prior`) with this spread per frame, or none.
     """
     t = images.shape[1]
     if t < 2:
@@ -121,7 +135,13 @@ def clip_logits(model: STMLite, images: Tensor, labels: Tensor, objects: int) ->
     keys, values = [entry.keys.flatten(2)], [entry.values.flatten(3)]
     out = []
     for i in range(1, t):
-        logits = model.segment(queries[i], torch.cat(keys, -1), torch.cat(values, -1), logits=True)
+        prior = None
+        if motion_sigma is not None:
+            grid = queries[i].key.shape[-2:]
+            gaps = torch.arange(i, 0, -1, device=images.device)  # memory frames 0..i-1
+            prior = motion_prior(gaps, (grid[0], grid[1]), motion_sigma)
+        mem_k, mem_v = torch.cat(keys, -1), torch.cat(values, -1)
+        logits = model.segment(queries[i], mem_k, mem_v, prior=prior, logits=True)
         agg = aggregate_logits(logits)
         out.append(agg)
         if i < t - 1:
@@ -227,6 +247,19 @@ class Trainer:
             step, c.iterations, c.bootstrap, c.bootstrap_start, c.bootstrap_end
         )
 
+    def motion_sigma_at(self, step: int) -> float | None:
+        """The motion prior's spread at ``step`` (None: no prior), a pure function of the step
+        so that a resumed run draws the same."""
+        c = self.config
+        if c.motion_probability <= 0:
+            return None
+        g = torch.Generator().manual_seed(c.seed * 1_000_003 + step)
+        u = torch.rand(2, generator=g, dtype=torch.float64).tolist()
+        if u[0] >= c.motion_probability:
+            return None
+        lo, hi = (math.log(x) for x in c.motion_sigma)
+        return math.exp(lo + (hi - lo) * u[1])
+
     # -- steps ------------------------------------------------------------------------------
     def train_step(self, batch: dict[str, Tensor]) -> float:
         """One optimisation step on a collated batch; returns the loss."""
@@ -237,7 +270,9 @@ class Trainer:
         images = batch["images"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
         with _autocast(self.device, self.use_amp):
-            logits = clip_logits(self.model, images, labels, self.config.objects)
+            logits = clip_logits(
+                self.model, images, labels, self.config.objects, self.motion_sigma_at(self.step)
+            )
         loss, plain = _losses(logits, labels, self.top_fraction_at(self.step))
         if not torch.isfinite(loss):
             raise FloatingPointError(
