@@ -584,9 +584,12 @@ def make_cell_timelapse(
             signal = ndimage.gaussian_filter(density[t], blur) * np.exp(-bleaching * t)
             expected = (0.03 + signal * illumination) * photons
             counts = rng.poisson(np.maximum(expected, 0)).astype(np.float32) / photons
-            frames[t] = offset + 0.2 * counts + rng.uniform(0.0005, 0.003) * rng.standard_normal(
-                (height, width)
-            ).astype(np.float32)
+            frames[t] = (
+                offset
+                + 0.2 * counts
+                + rng.uniform(0.0005, 0.003)
+                * rng.standard_normal((height, width)).astype(np.float32)
+            )
     else:
         shear = rng.uniform(0, 2 * np.pi)
         relief = rng.uniform(0.15, 0.4) / max(diameter / 40, 0.5)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from napari_stm.synthetic import make_clip, make_timelapse
+from napari_stm.synthetic import make_cell_timelapse, make_clip, make_timelapse
 
 
 def _touching(labels: np.ndarray, a: int, b: int) -> bool:
@@ -119,3 +119,71 @@ def test_bundled_sample_clip():
     assert set(np.unique(np.asarray(mask))) == {0, 1, 2, 3}
     assert mask.getpalette()[3:9] == [128, 0, 0, 0, 128, 0]  # the DAVIS colours
     assert sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) < 600 * 1024
+
+
+@pytest.mark.parametrize("modality", ["fluorescence", "dic"])
+def test_cell_timelapse_lineages_divisions_and_entering_cells(modality):
+    frames, labels = make_cell_timelapse(
+        n_frames=8,
+        height=96,
+        width=96,
+        n_cells=6,
+        diameter=20,
+        modality=modality,
+        divisions=6,
+        entering=2,
+        seed=2,
+    )
+    assert frames.shape == (8, 96, 96) and frames.dtype == np.uint16
+    assert labels.shape == (8, 96, 96) and labels.dtype == np.uint8
+    assert set(np.unique(labels[0])) <= set(range(7)), "cells entering later are not in frame 0"
+    assert set(np.unique(labels[-1])) & {7, 8}, "an entering cell is inside by the last frame"
+    # A divided cell keeps its id (lineage) on two separate daughters.
+    split = [
+        k
+        for k in range(1, 7)
+        if ndimage.label(labels[-1] == k)[1] >= 2 and ndimage.label(labels[0] == k)[1] == 1
+    ]
+    assert split, "some mother became two daughters with her id"
+    # The image shows the cells: they differ from the background.
+    inside = frames[0][labels[0] > 0].astype(float)
+    outside = frames[0][labels[0] == 0].astype(float)
+    if modality == "fluorescence":
+        assert inside.mean() > outside.mean() + 3 * outside.std() / 2
+    else:
+        # DIC: relief at the cells, flat grey elsewhere
+        assert inside.std() > 1.5 * outside.std()
+    again = make_cell_timelapse(
+        n_frames=8,
+        height=96,
+        width=96,
+        n_cells=6,
+        diameter=20,
+        modality=modality,
+        divisions=6,
+        entering=2,
+        seed=2,
+    )
+    assert np.array_equal(frames, again[0]) and np.array_equal(labels, again[1])
+
+
+def test_cell_timelapse_photobleaching_and_bad_arguments():
+    frames, labels = make_cell_timelapse(
+        n_frames=10,
+        height=64,
+        width=64,
+        n_cells=5,
+        diameter=16,
+        bleaching=0.1,
+        divisions=0,
+        entering=0,
+        seed=1,
+        dtype=np.float32,
+    )
+    first = frames[0][labels[0] > 0].mean() - frames[0][labels[0] == 0].mean()
+    last = frames[-1][labels[-1] > 0].mean() - frames[-1][labels[-1] == 0].mean()
+    assert last < 0.6 * first
+    with pytest.raises(ValueError, match="modality"):
+        make_cell_timelapse(modality="phase")
+    with pytest.raises(ValueError, match="diameter"):
+        make_cell_timelapse(diameter=2)

@@ -596,7 +596,8 @@ def augment_microscopy(rng: np.random.Generator, frames: Tensor) -> Tensor:
     noise = rng.uniform(0.0, 0.06) if rng.random() < 0.5 else 0.0
     if blur > 0:
         radius = max(1, math.ceil(2.5 * blur))
-        k = torch.exp(-(torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2) / (2 * blur**2))
+        taps = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        k = torch.exp(-(taps**2) / (2 * blur**2))
         k = k / k.sum()
         x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
         x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
@@ -819,9 +820,7 @@ class CellTimelapseDataset(_ClipDataset):
             dtype=np.uint8 if rng.random() < 0.3 else np.uint16,
         )
         reader = FrameReader(video)
-        frames = torch.stack(
-            [torch.from_numpy(reader.read(i)).permute(2, 0, 1) for i in range(t)]
-        )
+        frames = torch.stack([torch.from_numpy(reader.read(i)).permute(2, 0, 1) for i in range(t)])
         return augment_microscopy(rng, frames), torch.from_numpy(labs.astype(np.int64))
 
 

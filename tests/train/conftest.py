@@ -71,3 +71,28 @@ def _brightness_agreement(images, labels) -> float:
 @pytest.fixture
 def brightness_agreement():
     return _brightness_agreement
+
+
+@pytest.fixture(scope="session")
+def ctc_root(tmp_path_factory) -> Path:
+    """A Cell Tracking Challenge layout: 6 uint16 LZW TIFF frames, palette lineage labels.
+
+    Left half: two labelled bright nuclei drifting right. Right half: bright blobs without
+    labels, so a crop that ever reaches the right half disagrees with its labels.
+    """
+    import tifffile
+
+    root = tmp_path_factory.mktemp("ctc") / "fluo-01"
+    (root / "raw_tif").mkdir(parents=True)
+    (root / "Annotations_lineage").mkdir()
+    h, w = 96, 160
+    for t in range(6):
+        labels = np.zeros((h, w), np.uint8)
+        labels[_disc(h, w, 30, 20 + 2 * t, 9)] = 1
+        labels[_disc(h, w, 65, 55 - t, 9)] = 2
+        blobs = _disc(h, w, 30, 120, 10) | _disc(h, w, 70, 140, 10)
+        frame = np.full((h, w), 100, np.uint16)
+        frame[(labels > 0) | blobs] = 3000
+        tifffile.imwrite(root / "raw_tif" / f"t{t:03d}.tif", frame, compression="lzw")
+        Image.fromarray(labels, mode="P").save(root / "Annotations_lineage" / f"{t:05d}.png")
+    return root

@@ -8,11 +8,15 @@ import torch
 
 from napari_stm.core.errors import InputError
 from napari_stm.train.datasets import (
+    CellTimelapseDataset,
+    CtcDataset,
     DavisDataset,
     MixedDataset,
     ProceduralDataset,
     PseudoVideoDataset,
+    augment_microscopy,
     choose_frames,
+    find_ctc_sequences,
     find_davis_sequences,
     find_image_mask_pairs,
 )
@@ -125,3 +129,61 @@ def test_mixture_draws_from_every_part(static_root):
                 hits[k] += 1
     assert hits[0] > 0 and hits[1] > 0
     assert mixed.gap_at(0) is None
+
+
+def test_ctc_layout_is_read_directly(ctc_root):
+    seqs = find_ctc_sequences([ctc_root])
+    assert list(seqs) == ["fluo-01"] and len(seqs["fluo-01"]) == 6
+    frame, labels = seqs["fluo-01"][3]
+    assert frame.name == "t003.tif" and labels.name == "00003.png"
+    assert labels.parent.name == "Annotations_lineage"
+    with pytest.raises(InputError, match="raw_tif"):
+        find_ctc_sequences([ctc_root.parent])
+
+
+def test_ctc_clips_stay_in_their_columns_and_are_aligned(ctc_root, brightness_agreement):
+    # The right half holds bright unlabelled blobs: any crop reaching it would disagree.
+    ds = CtcDataset(
+        find_ctc_sequences([ctc_root]),
+        crop=S,
+        frames=4,
+        columns=(0.0, 0.5),
+        seed=0,
+        cell_px=(10.0, 30.0),
+    )
+    for i in range(8):
+        sample = ds[i]
+        _check_sample(sample, frames=4)
+        # grey, as the engine makes single-channel frames
+        assert torch.equal(sample["images"][:, 0], sample["images"][:, 2])
+        assert brightness_agreement(sample["images"], sample["labels"]) > 0.9
+    # The other band: only the unlabelled blobs, so no object to train on, yet bright cells.
+    right = CtcDataset(
+        find_ctc_sequences([ctc_root]),
+        crop=S,
+        frames=4,
+        columns=(0.5, 1.0),
+        seed=0,
+        cell_px=(10.0, 30.0),
+    )
+    sample = right[0]
+    assert int(sample["labels"].max()) == 0
+    assert float(sample["images"].max()) > 0.5
+
+
+def test_cell_timelapse_clips():
+    ds = CellTimelapseDataset(crop=S, frames=4, seed=0, cell_px=(10.0, 24.0))
+    for i in range(4):
+        sample = ds[i]
+        _check_sample(sample, frames=4)
+        assert torch.equal(sample["images"][:, 0], sample["images"][:, 1])
+
+
+def test_microscopy_augmentation_keeps_range_and_grey():
+    rng = np.random.default_rng(0)
+    frames = torch.rand(3, 1, 32, 32).expand(-1, 3, -1, -1)
+    for _ in range(5):
+        out = augment_microscopy(rng, frames)
+        assert out.shape == frames.shape
+        assert 0 <= float(out.min()) and float(out.max()) <= 1
+        assert torch.equal(out[:, 0], out[:, 1])

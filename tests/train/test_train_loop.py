@@ -116,6 +116,40 @@ def test_training_runs_the_engines_computation(dataset):
         np.testing.assert_allclose(probs, engine[t], atol=1e-4)
 
 
+def test_training_reads_through_the_engines_motion_prior(dataset):
+    # Four frames with a fixed prior spread: the training forward (memory of the network's own
+    # predictions, read through the prior) and the tracker agree frame by frame.
+    torch.manual_seed(0)
+    model = STMLite(pretrained=True).eval()
+    frames, labels = make_clip(n_frames=4, height=S, width=S, n_objects=2, seed=5, occlusion=False)
+    config = PropagationConfig(device="cpu", mem_every=1, confidence_gate=0, motion_sigma=0.1)
+    tracker = Tracker(model, config)
+    tracker.step(frames[0], labels[0])
+    engine = [tracker.step(frames[t])[1] for t in (1, 2, 3)]
+
+    images = torch.from_numpy(frames).permute(0, 3, 1, 2)[None].float() / 255
+    lab = torch.from_numpy(labels.astype(np.int64))[None]
+    with torch.no_grad():
+        ours = clip_logits(model, images, lab, 2, motion_sigma=0.1)
+        without = clip_logits(model, images, lab, 2)
+    for t in range(3):
+        probs = torch.softmax(ours[t][0], dim=0).numpy()
+        np.testing.assert_allclose(probs, engine[t], atol=1e-4)
+    assert not torch.allclose(ours[2], without[2], atol=1e-3), "the prior changes the read"
+
+
+def test_motion_prior_draws_are_a_function_of_the_step(tmp_path, dataset):
+    config = TrainConfig(out=str(tmp_path), motion_probability=0.5, motion_sigma=(0.05, 0.3))
+    trainer = Trainer(config, dataset, model=STMLite(pretrained=False))
+    draws = [trainer.motion_sigma_at(s) for s in range(40)]
+    assert draws == [trainer.motion_sigma_at(s) for s in range(40)]
+    used = [d for d in draws if d is not None]
+    assert 5 < len(used) < 35
+    assert all(0.05 <= d <= 0.3 for d in used)
+    off = Trainer(TrainConfig(out=str(tmp_path)), dataset, model=STMLite(pretrained=False))
+    assert off.motion_sigma_at(3) is None
+
+
 def test_cli_trains_from_nothing(tmp_path):
     parser = cli.add_arguments(argparse.ArgumentParser())
     out = tmp_path / "cli_run"
@@ -141,8 +175,45 @@ def test_cli_trains_from_nothing(tmp_path):
     assert cli.run(args) == 0
     assert (out / "stm_lite.pth").is_file() and export.is_file()
     bad = parser.parse_args([str(tmp_path / "x"), "--stage", "2", "--device", "cpu"])
-    with pytest.raises(InputError, match="--davis"):
+    with pytest.raises(InputError, match="--davis ROOT and/or --ctc"):
         cli.run(bad)
     bad = parser.parse_args([str(tmp_path / "y"), "--crop", "50", "--device", "cpu"])
     with pytest.raises(InputError, match="multiple of 16"):
+        cli.run(bad)
+
+
+def test_cli_trains_on_microscopy(tmp_path, ctc_root):
+    parser = cli.add_arguments(argparse.ArgumentParser())
+    out = tmp_path / "ctc_run"
+    common = ["--device", "cpu", "--threads", "1", "--quiet", "--crop", "64", "--batch-size", "2"]
+    args = parser.parse_args(
+        [
+            str(out),
+            "--stage",
+            "2",
+            "--ctc",
+            str(ctc_root),
+            "--ctc-columns",
+            "0:0.5",
+            "--cells-weight",
+            "1",
+            "--frames",
+            "4",
+            "--iterations",
+            "2",
+            "--motion-prior",
+            "1",
+            *common,
+        ]
+    )
+    dataset = cli.build_dataset(args, 64)
+    assert [type(d).__name__ for d in dataset.datasets] == ["CtcDataset", "CellTimelapseDataset"]
+    assert dataset.datasets[0].columns == (0.0, 0.5)
+    assert cli.run(args) == 0
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert int(rows[-1]["step"]) == 2 and float(rows[-1]["loss"]) > 0
+    bad = parser.parse_args(
+        [str(tmp_path / "z"), "--ctc", str(ctc_root), "--ctc-columns", "half", *common]
+    )
+    with pytest.raises(InputError, match="--ctc-columns"):
         cli.run(bad)
