@@ -27,11 +27,10 @@ from cvat_sdk.auto_annotation import (
     TrackingFunctionSpec,
 )
 
-from cvat_function.shapes import SUPPORTED_TYPES, mask_from_shape, shape_points
+from cvat_function import tracking
+from cvat_function.shapes import TRACKER_TYPES
 from napari_stm.core.engine import PropagationConfig, Tracker
 from napari_stm.core.model import VOSNetwork
-
-OBJECT_ID = 1
 
 
 @dataclass
@@ -45,7 +44,7 @@ class TrackingState:
 class StmTrackingFunction:
     """cvat-sdk ``TrackingFunction`` running the napari-stm propagation engine."""
 
-    spec = TrackingFunctionSpec(supported_shape_types=SUPPORTED_TYPES)
+    spec = TrackingFunctionSpec(supported_shape_types=TRACKER_TYPES)
 
     def __init__(self, model: VOSNetwork, config: PropagationConfig | None = None) -> None:
         self.model = model
@@ -59,22 +58,19 @@ class StmTrackingFunction:
     def init_tracking_state(
         self, context: TrackingFunctionShapeContext, pp_image: np.ndarray, shape: TrackableShape
     ) -> TrackingState:
-        h, w = pp_image.shape[:2]
         # ShapeError (a ValueError) tells the agent the request was bad.
-        mask = mask_from_shape(shape.type, list(shape.points), h, w)
-        # One object per state, known from the start: no need to keep memorised frames.
-        tracker = Tracker(self.model, self.config, keep_sources=False)
-        tracker.step(pp_image, mask.astype(np.uint8) * OBJECT_ID)
+        mask = tracking.reference_mask(shape.type, list(shape.points), pp_image.shape[:2])
+        mask = tracking.object_mask(self.model, self.config, pp_image, shape.type, mask)
+        tracker = tracking.start(self.model, self.config, pp_image, mask)
         return TrackingState(tracker, shape.type)
 
     def track(
         self, context: TrackingFunctionShapeContext, pp_image: np.ndarray, state: TrackingState
     ) -> TrackableShape | None:
-        labels, _ = state.tracker.step(pp_image)
-        points = shape_points(state.shape_type, labels == OBJECT_ID)
-        if points is None:
-            return None  # lost on this frame; the state goes on and may find it again
-        return TrackableShape(type=state.shape_type, points=points)
+        (mask,) = tracking.follow([state.tracker], pp_image)
+        shape = tracking.shape_out(state.shape_type, mask)
+        # None: lost on this frame; the state goes on and may find it again
+        return None if shape is None else TrackableShape(**shape)
 
 
 def create(

@@ -6,12 +6,24 @@ cannot travel in the state: the state holds only an unguessable session id, and 
 
 Two stores:
 
-- :class:`MemorySessionStore` (default): live trackers in this process, least recently used
-  first out, with a time to live, a session count cap and a total byte cap (the trackers'
-  ``memory_nbytes``). Nuclio runs one process per worker, so use it with ``numWorkers: 1``.
+- :class:`MemorySessionStore` (default): live trackers in this process, with a time to live,
+  a session count cap and a total byte cap (everything a tracker holds: ``memory_nbytes``).
+  Nuclio runs one process per worker, so use it with ``numWorkers: 1``.
 - :class:`RedisSessionStore` (when ``CVAT_FUNCTIONS_REDIS_HOST`` is set): sessions serialised
   into Redis (or kvrocks, as in CVAT's serverless setup), so any worker or replica can serve
   any call. Expiry is Redis's (``EX`` on every write); memory is the server's business.
+
+Fairness. CVAT does not tell a function who calls it, so the sessions one request starts
+(the shapes a person sent tracking together) form a *group*, the closest thing to a user the
+function can see. When the in-process store is full, the least recently used session of the
+group holding the most bytes goes first: a request with many objects evicts its own older
+sessions before anybody else's, and a person tracking one object keeps it. An evicted
+session's id is remembered (bounded), so its next call says it was evicted, not "unknown".
+
+Replays. Each session counts its steps and the state CVAT keeps carries the count, so a
+state used twice (a replayed or duplicated request) is refused with 409. Each session has a
+lock held while it steps (in Redis: ``SET NX PX`` with a token, through redis-py's ``Lock``,
+expiring after the lock timeout), so two requests for one session at once cannot both step it.
 
 What a Redis session holds: the tracker's memory bank tensors themselves (``torch.save`` of
 plain tensors, numbers and strings, read back with ``weights_only=True``), not the frames and
@@ -26,13 +38,14 @@ it stays in memory, where an in-process session would have dropped it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -44,7 +57,12 @@ from napari_stm.core.model import VOSNetwork
 #: bits of randomness in a session id (secrets.token_urlsafe(32): 256 bits)
 SESSION_ID_BYTES = 32
 #: bumped when the serialised layout changes; older sessions then read as expired
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: CVAT accepts a tracker state for 8 hours after it signed it
+#: (cvat/apps/lambda_manager/views.py: TRACKER_STATE_MAX_AGE), so a session lives as long idle
+DEFAULT_TTL = 8 * 3600.0
+#: evicted ids remembered to say so on their next call
+TOMBSTONES = 4096
 
 
 class StoreUnavailable(RuntimeError):
@@ -58,6 +76,10 @@ class SessionNotFound(KeyError):
         return str(self.args[0]) if self.args else "unknown session"
 
 
+class SessionBusy(RuntimeError):
+    """Another request is stepping this session right now."""
+
+
 @dataclass
 class Session:
     """One tracked shape: its tracker and what the replies need to know about it."""
@@ -66,6 +88,12 @@ class Session:
     shape_type: str
     #: image height, width the session started with
     size: tuple[int, int]
+    #: the sessions one request started together (see the module's "Fairness")
+    group: str = ""
+    #: frames stepped so far; the state CVAT keeps carries it, to refuse replays
+    step: int = 0
+    #: a rectangle tracked in CVAT's bare-box protocol (answers are [xtl, ytl, xbr, ybr])
+    bare: bool = False
     created: float = field(default_factory=time.time)
 
     @property
@@ -87,14 +115,20 @@ class SessionStore(Protocol):
         ...
 
     def save(self, session_id: str, session: Session) -> None:
-        """Record a session changed by a step."""
+        """Record a session changed by a step; SessionNotFound if it was evicted meanwhile."""
         ...
 
     def delete(self, session_id: str) -> None: ...
 
+    def locked(self, session_ids: Sequence[str]) -> contextlib.AbstractContextManager:
+        """Hold the lock of every session in ``session_ids``, or raise SessionBusy naming the
+        first one another request holds."""
+        ...
+
 
 class MemorySessionStore:
-    """Live sessions in this process: LRU with a TTL, a count cap and a byte cap.
+    """Live sessions in this process: a TTL, a count cap and a byte cap, evicting the least
+    recently used session of the group that holds the most bytes.
 
     ``clock`` (seconds, monotonic) is injectable so expiry can be tested without waiting.
     A session larger than the byte cap on its own is still kept (alone): refusing it would
@@ -105,7 +139,7 @@ class MemorySessionStore:
         self,
         max_sessions: int = 64,
         max_bytes: int = 4 << 30,
-        ttl: float = 3600.0,
+        ttl: float = DEFAULT_TTL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_sessions < 1:
@@ -121,6 +155,9 @@ class MemorySessionStore:
         self._lock = threading.RLock()
         # id -> (session, last use, bytes at last save), least recently used first
         self._sessions: OrderedDict[str, tuple[Session, float, int]] = OrderedDict()
+        self._busy: set[str] = set()
+        # id -> why it is gone, for the error its next call gets
+        self._gone: OrderedDict[str, str] = OrderedDict()
 
     def __len__(self) -> int:
         with self._lock:
@@ -150,7 +187,7 @@ class MemorySessionStore:
             self._expire()
             item = self._sessions.get(session_id)
             if item is None:
-                raise SessionNotFound(_not_found(session_id))
+                raise SessionNotFound(self._why_gone(session_id))
             self._sessions[session_id] = (item[0], self._clock(), item[2])
             self._sessions.move_to_end(session_id)
             return item[0]
@@ -159,7 +196,7 @@ class MemorySessionStore:
         with self._lock:
             if session_id not in self._sessions:
                 # Evicted while it was stepping (other sessions grew): it is gone for good.
-                raise SessionNotFound(_not_found(session_id))
+                raise SessionNotFound(self._why_gone(session_id))
             self._sessions[session_id] = (session, self._clock(), session.nbytes)
             self._sessions.move_to_end(session_id)
             self._evict(keep=session_id)
@@ -168,24 +205,70 @@ class MemorySessionStore:
         with self._lock:
             self._sessions.pop(session_id, None)
 
+    @contextlib.contextmanager
+    def locked(self, session_ids: Sequence[str]) -> Iterator[None]:
+        with self._lock:
+            for session_id in session_ids:
+                if session_id in self._busy:
+                    raise SessionBusy(session_id)
+            self._busy.update(session_ids)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy.difference_update(session_ids)
+
+    def _why_gone(self, session_id: str) -> str:
+        return self._gone.get(session_id) or _not_found(session_id)
+
+    def _forget(self, session_id: str, why: str) -> None:
+        del self._sessions[session_id]
+        self._gone[session_id] = why
+        while len(self._gone) > TOMBSTONES:
+            self._gone.popitem(last=False)
+
     def _expire(self) -> None:
         cutoff = self._clock() - self.ttl
-        while self._sessions:
-            oldest = next(iter(self._sessions))
-            if self._sessions[oldest][1] > cutoff:
-                break
-            del self._sessions[oldest]
+        for session_id, (_, last, _) in list(self._sessions.items()):
+            if last <= cutoff:
+                self._forget(
+                    session_id,
+                    f"tracking session {session_id[:8]}... expired after {self.ttl:.0f} s "
+                    "unused; start tracking again from an annotated frame",
+                )
 
     def _evict(self, keep: str) -> None:
-        def over() -> bool:
+        while True:
             total = sum(b for _, _, b in self._sessions.values())
-            return len(self._sessions) > self.max_sessions or total > self.max_bytes
-
-        while over():
-            victim = next((k for k in self._sessions if k != keep), None)
-            if victim is None:
+            full = len(self._sessions) > self.max_sessions
+            if not full and total <= self.max_bytes:
                 return
-            del self._sessions[victim]
+            groups: dict[str, int] = {}
+            for session, _, b in self._sessions.values():
+                groups[session.group] = groups.get(session.group, 0) + (b if not full else 1)
+            # The biggest group (bytes, or sessions when the count is what is over) gives up
+            # its least recently used session; ``keep`` is being saved right now.
+            for group, _ in sorted(groups.items(), key=lambda kv: -kv[1]):
+                victim = next(
+                    (
+                        k
+                        for k, (s, _, _) in self._sessions.items()
+                        if s.group == group and k != keep
+                    ),
+                    None,
+                )
+                if victim is not None:
+                    break
+            else:
+                return
+            what = "sessions" if full else "bytes of memory"
+            cap = self.max_sessions if full else self.max_bytes
+            self._forget(
+                victim,
+                f"tracking session {victim[:8]}... was evicted: the function holds at most {cap} "
+                f"{what} for tracking and the request that started it held the most; start "
+                "tracking again from an annotated frame, with fewer objects at once",
+            )
 
 
 def _not_found(session_id: str) -> str:
@@ -213,6 +296,9 @@ def dumps_session(session: Session) -> bytes:
             "tracker": session.tracker.state_dict(),
             "shape_type": session.shape_type,
             "size": list(session.size),
+            "group": session.group,
+            "step": int(session.step),
+            "bare": bool(session.bare),
             "created": float(session.created),
         },
         buf,
@@ -229,6 +315,9 @@ def loads_session(data: bytes, model: VOSNetwork, config: PropagationConfig) -> 
         tracker=_restore_tracker(model, config, obj["tracker"]),
         shape_type=obj["shape_type"],
         size=tuple(obj["size"]),
+        group=obj["group"],
+        step=int(obj["step"]),
+        bare=bool(obj["bare"]),
         created=obj["created"],
     )
 
@@ -240,21 +329,27 @@ def _restore_tracker(model: VOSNetwork, config: PropagationConfig, state: dict) 
 
 
 class RedisSessionStore:
-    """Sessions serialised into Redis under ``<prefix><id>``, expiring ``ttl`` s after last use."""
+    """Sessions serialised into Redis under ``<prefix><id>``, expiring ``ttl`` s after last use.
+
+    ``lock_timeout`` (s) bounds how long a session stays locked by a worker that died while
+    stepping it; it should exceed the event timeout, so a live step is never overtaken.
+    """
 
     def __init__(
         self,
         client: Any,
         model: VOSNetwork,
         config: PropagationConfig,
-        ttl: float = 3600.0,
+        ttl: float = DEFAULT_TTL,
         prefix: str = "napari-stm:tracker:",
+        lock_timeout: float = 180.0,
     ) -> None:
         self.client = client
         self.model = model
         self.config = config
         self.ttl = max(1, int(ttl))
         self.prefix = prefix
+        self.lock_timeout = lock_timeout
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         import redis
@@ -262,11 +357,14 @@ class RedisSessionStore:
         try:
             return getattr(self.client, method)(*args, **kwargs)
         except redis.RedisError as e:
-            where = self.client.connection_pool.connection_kwargs
-            raise StoreUnavailable(
-                f"the session store (Redis at {where.get('host')}:{where.get('port')}) "
-                f"is unavailable: {e}"
-            ) from None
+            raise StoreUnavailable(self._unavailable(e)) from None
+
+    def _unavailable(self, e: Exception) -> str:
+        where = self.client.connection_pool.connection_kwargs
+        return (
+            f"the session store (Redis at {where.get('host')}:{where.get('port')}) "
+            f"is unavailable: {type(e).__name__}: {str(e)[:120]}"
+        )
 
     def add(self, session: Session) -> str:
         session_id = new_session_id()
@@ -283,23 +381,59 @@ class RedisSessionStore:
             raise SessionNotFound(_not_found(session_id)) from None
 
     def save(self, session_id: str, session: Session) -> None:
-        self._call("set", self.prefix + session_id, dumps_session(session), ex=self.ttl)
+        # xx: only over an entry that is still there (it may have expired meanwhile).
+        done = self._call(
+            "set", self.prefix + session_id, dumps_session(session), ex=self.ttl, xx=True
+        )
+        if not done:
+            raise SessionNotFound(_not_found(session_id))
 
     def delete(self, session_id: str) -> None:
         self._call("delete", self.prefix + session_id)
+
+    @contextlib.contextmanager
+    def locked(self, session_ids: Sequence[str]) -> Iterator[None]:
+        import redis
+
+        held = []
+        try:
+            for session_id in session_ids:
+                lock = self.client.lock(
+                    self.prefix + session_id + ":lock",
+                    timeout=self.lock_timeout,
+                    blocking=False,
+                )
+                try:
+                    acquired = lock.acquire()
+                except redis.RedisError as e:
+                    raise StoreUnavailable(self._unavailable(e)) from None
+                if not acquired:
+                    raise SessionBusy(session_id)
+                held.append(lock)
+            yield
+        finally:
+            for lock in held:
+                # Expired (the step outlived lock_timeout) or Redis gone: nothing to release.
+                with contextlib.suppress(redis.RedisError):
+                    lock.release()
 
 
 @dataclass
 class StoreSettings:
     """Session limits, from the environment of the function (``from_env``)."""
 
-    ttl: float = 3600.0
+    ttl: float = DEFAULT_TTL
     max_sessions: int = 64
     max_bytes: int = 4 << 30
     redis_host: str | None = None
     redis_port: int = 6379
     redis_password: str | None = None
     redis_db: int = 0
+    #: seconds a Redis command may take before the request fails with 503; well inside
+    #: CVAT's 120 s invocation timeout and the function's event timeout
+    redis_timeout: float = 5.0
+    #: seconds a session stays locked by a worker that died while stepping it
+    lock_timeout: float = 180.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> StoreSettings:
@@ -322,7 +456,33 @@ class StoreSettings:
             redis_port=number("CVAT_FUNCTIONS_REDIS_PORT", cls.redis_port),
             redis_password=env.get("CVAT_FUNCTIONS_REDIS_PASSWORD") or None,
             redis_db=number("CVAT_FUNCTIONS_REDIS_DB", cls.redis_db),
+            redis_timeout=number("NAPARI_STM_REDIS_TIMEOUT", cls.redis_timeout, float),
+            lock_timeout=number("NAPARI_STM_LOCK_TIMEOUT", cls.lock_timeout, float),
         )
+
+
+def redis_client(settings: StoreSettings) -> Any:
+    """A Redis client that fails fast: no retries, socket timeouts of ``redis_timeout``."""
+    try:
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+    except ImportError:
+        raise ImportError(
+            "CVAT_FUNCTIONS_REDIS_HOST is set but the redis package is missing: "
+            "pip install 'napari-stm[cvat]'"
+        ) from None
+    return redis.Redis(
+        host=settings.redis_host,
+        port=settings.redis_port,
+        password=settings.redis_password,
+        db=settings.redis_db,
+        socket_connect_timeout=min(2.0, settings.redis_timeout),
+        socket_timeout=settings.redis_timeout,
+        # redis-py 6 retries 3 times with backoff by default: a hung server would hold the
+        # request for minutes. One try, then 503.
+        retry=Retry(NoBackoff(), 0),
+    )
 
 
 def make_store(
@@ -330,23 +490,13 @@ def make_store(
 ) -> SessionStore:
     """Redis when a host is configured, else the in-process store."""
     if settings.redis_host:
-        try:
-            import redis
-        except ImportError:
-            raise ImportError(
-                "CVAT_FUNCTIONS_REDIS_HOST is set but the redis package is missing: "
-                "pip install 'napari-stm[cvat]'"
-            ) from None
-
-        client = redis.Redis(
-            host=settings.redis_host,
-            port=settings.redis_port,
-            password=settings.redis_password,
-            db=settings.redis_db,
-            socket_connect_timeout=5,
-            socket_timeout=30,
+        return RedisSessionStore(
+            redis_client(settings),
+            model,
+            config,
+            ttl=settings.ttl,
+            lock_timeout=settings.lock_timeout,
         )
-        return RedisSessionStore(client, model, config, ttl=settings.ttl)
     return MemorySessionStore(
         max_sessions=settings.max_sessions, max_bytes=settings.max_bytes, ttl=settings.ttl
     )

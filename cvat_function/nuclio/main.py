@@ -3,6 +3,7 @@
 import json
 
 from cvat_function.nuclio.model_handler import ModelHandler
+from cvat_function.payload import reason
 
 
 def init_context(context) -> None:  # noqa: ANN001 - nuclio's Context
@@ -13,9 +14,12 @@ def init_context(context) -> None:  # noqa: ANN001 - nuclio's Context
 
 def handler(context, event):  # noqa: ANN001 - nuclio's Context and Event
     status, body = context.user_data.model_handler.handle(event.body)
+    # Nuclio writes no reason phrase of ours and CVAT drops the body: the message also goes
+    # into a header, for REST clients and proxies' logs.
+    headers = {"X-Napari-Stm-Error": reason(body["error"])} if "error" in body else {}
     return context.Response(
         body=json.dumps(body),
-        headers={},
+        headers=headers,
         content_type="application/json",
         status_code=status,
     )

@@ -9,58 +9,59 @@ and expects ``{"shapes": [...], "states": [...]}`` back, one entry per object in
 A shape given together with a state is a correction: it becomes one more reference of that
 session. A shape that cannot be found on a frame comes back as ``null`` (its session goes on).
 
-Every request is checked completely before any session changes, so a bad request changes
-nothing; errors come back as ``(4xx, {"error": message})``.
+A request is handled in three passes, so that a bad request changes nothing: (1) everything
+the client sent is checked (:mod:`cvat_function.payload`, :mod:`cvat_function.shapes`, the
+limits of :mod:`cvat_function.limits`); (2) the sessions it names are locked, looked up and
+their step counts compared with the states'; (3) the engine runs and the sessions are saved.
+Errors come back as ``(4xx, {"error": message})``.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import logging
 import os
+import secrets
 import traceback
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import PIL.Image
 
+from cvat_function import tracking
+from cvat_function.limits import Limits
+from cvat_function.payload import (
+    BAD_REQUEST,
+    CONFLICT,
+    INTERNAL,
+    NOT_FOUND,
+    TOO_LARGE,
+    UNAVAILABLE,
+    UNPROCESSABLE,
+    RequestError,
+    decode_image,
+    parse_body,
+    parse_state,
+    quote,
+)
 from cvat_function.sessions import (
+    MemorySessionStore,
     Session,
+    SessionBusy,
     SessionNotFound,
     SessionStore,
     StoreSettings,
     StoreUnavailable,
     make_store,
-    new_tracker,
 )
-from cvat_function.shapes import SUPPORTED_TYPES, ShapeError, mask_from_shape, shape_points
-from napari_stm.core.engine import PropagationConfig, Tracker
+from cvat_function.shapes import TRACKER_TYPES, ShapeError, ShapeTooLarge
+from napari_stm.core.engine import PropagationConfig
 from napari_stm.core.errors import InputError
 from napari_stm.core.model import VOSNetwork
 
-#: object id of the one object a session follows
-OBJECT_ID = 1
-#: version of the state layout this function hands to CVAT
-STATE_VERSION = 1
-
-BAD_REQUEST = 400
-NOT_FOUND = 404
-CONFLICT = 409
-UNPROCESSABLE = 422
-INTERNAL = 500
-UNAVAILABLE = 503
-
-
-class RequestError(Exception):
-    """A request the function cannot serve; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+#: version of the state layout this function hands to CVAT (2: the step count)
+STATE_VERSION = 2
+#: a request's sessions did not fit in the function's session memory
+INSUFFICIENT_STORAGE = 507
 
 
 @dataclass
@@ -91,11 +92,14 @@ class _Op:
     """One object of a request, checked and ready to run."""
 
     kind: str  # "start", "correct" or "track"
+    shape_type: str
     session_id: str | None = None
+    step: int | None = None  # the step count the client's state carries
     session: Session | None = None
-    shape_type: str | None = None
     mask: np.ndarray | None = None
-    shape: dict | None = None
+    shape: dict | list | None = None
+    #: a rectangle given as a bare [xtl, ytl, xbr, ybr] (CVAT's rectangle tracker protocol)
+    bare: bool = False
 
 
 class ModelHandler:
@@ -107,11 +111,13 @@ class ModelHandler:
         config: PropagationConfig | None = None,
         store: SessionStore | None = None,
         logger: Any = None,
+        limits: Limits | None = None,
     ) -> None:
         self.model = model
         self.config = config or PropagationConfig()
         self.store = store if store is not None else make_store(StoreSettings(), model, self.config)
         self.logger = logger or logging.getLogger(__name__)
+        self.limits = limits or Limits()
 
     @classmethod
     def from_env(cls, logger: Any = None) -> ModelHandler:
@@ -127,13 +133,13 @@ class ModelHandler:
             logger.info(
                 f"napari-stm tracker: model {name} on {model.device}, {type(store).__name__}"
             )
-        return cls(model, config, store, logger)
+        return cls(model, config, store, logger, Limits.from_env())
 
     # -- entry point ------------------------------------------------------------------------
     def handle(self, body: Any) -> tuple[int, dict]:
         """(status, JSON-able reply) for a request body (bytes, str or already-parsed JSON)."""
         try:
-            return 200, self.infer(parse_body(body))
+            return 200, self.infer(parse_body(body, self.limits))
         except RequestError as e:
             return e.status, {"error": e.message}
         except StoreUnavailable as e:
@@ -141,56 +147,59 @@ class ModelHandler:
             return UNAVAILABLE, {"error": str(e)}
         except Exception as e:  # a bug must not take the worker and its sessions down
             self.logger.error(f"tracker failed: {traceback.format_exc()}")
-            return INTERNAL, {"error": f"internal error while tracking: {type(e).__name__}: {e}"}
+            message = f"internal error while tracking: {type(e).__name__}: {e}"
+            return INTERNAL, {"error": message[:300]}
 
     def infer(self, payload: dict) -> dict:
-        image = decode_image(payload.get("image"))
-        ops = self._check(payload, image.shape[:2])
-        created: list[str] = []
-        shapes: list[dict | None] = []
-        states: list[dict] = []
-        try:
-            for op in ops:
-                shape, state = self._run(op, image, created)
-                shapes.append(shape)
-                states.append(state)
-        except Exception:
-            # Sessions this request started are not known to CVAT: do not leave them behind.
-            for session_id in created:
-                self.store.delete(session_id)
-            raise
-        return {"shapes": shapes, "states": states}
-
-    # -- checking ---------------------------------------------------------------------------
-    def _check(self, payload: dict, size: tuple[int, int]) -> list[_Op]:
         shapes = _list_field(payload, "shapes")
         states = _list_field(payload, "states")
         n = max(len(shapes), len(states))
         if n == 0:
             raise RequestError(BAD_REQUEST, "nothing to track: 'shapes' and 'states' are empty")
-        ops = []
-        seen: set[str] = set()
-        for i in range(n):
-            shape = shapes[i] if i < len(shapes) else None
-            state = states[i] if i < len(states) else None
-            if shape is None and state is None:
-                raise RequestError(BAD_REQUEST, f"object {i}: neither a shape nor a state")
-            session_id = None if state is None else _state_session_id(state, i)
-            if session_id is not None:
-                if session_id in seen:
-                    raise RequestError(BAD_REQUEST, f"object {i}: the same session appears twice")
-                seen.add(session_id)
-            if shape is not None:
-                ops.append(self._check_shape(shape, session_id, size, i))
-            else:
-                assert session_id is not None
-                session = self._session(session_id, size, i)
-                ops.append(_Op("track", session_id, session, session.shape_type))
-        return ops
+        if n > self.limits.max_objects:
+            raise RequestError(
+                TOO_LARGE,
+                f"{n} objects in one request, over the limit of {self.limits.max_objects}",
+            )
+        image = decode_image(payload.get("image"), self.limits)
+        size = image.shape[:2]
+        ops = [self._parse(shapes, states, i, size) for i in range(n)]
+        ids = [op.session_id for op in ops if op.session_id is not None]
+        if len(set(ids)) != len(ids):
+            raise RequestError(BAD_REQUEST, "the same session appears twice in one request")
+        try:
+            with self.store.locked(ids):
+                for i, op in enumerate(ops):
+                    self._attach(op, size, i)
+                return self._run(ops, image)
+        except SessionBusy as e:
+            i = ids.index(e.args[0])
+            raise RequestError(
+                CONFLICT,
+                f"object {i}: another request is stepping this tracking session right now "
+                "(a duplicated request)",
+            ) from None
 
-    def _check_shape(
-        self, shape: Any, session_id: str | None, size: tuple[int, int], i: int
-    ) -> _Op:
+    # -- pass 1: what the client sent -------------------------------------------------------
+    def _parse(self, shapes: list, states: list, i: int, size: tuple[int, int]) -> _Op:
+        shape = shapes[i] if i < len(shapes) else None
+        state = states[i] if i < len(states) else None
+        if shape is None and state is None:
+            raise RequestError(BAD_REQUEST, f"object {i}: neither a shape nor a state")
+        session_id, step = (None, None) if state is None else parse_state(state, i)
+        if state is not None and step is None:
+            raise RequestError(
+                BAD_REQUEST, f"object {i}: malformed state: no 'step' (a state of an older version)"
+            )
+        if _is_box(shape):
+            # CVAT's rectangle trackers (the ones CVAT Community's UI offers) get a bare
+            # [xtl, ytl, xbr, ybr] and answer one; with a state, the box is the last answer
+            # sent back (as CVAT's own TransT reads it), not a correction.
+            if session_id is not None:
+                return _Op("track", "", session_id, step)
+            shape = {"type": "rectangle", "points": shape, "bare": True}
+        if shape is None:
+            return _Op("track", "", session_id, step)
         if not isinstance(shape, dict):
             raise RequestError(
                 BAD_REQUEST,
@@ -198,41 +207,46 @@ class ModelHandler:
                 f"got {type(shape).__name__}",
             )
         shape_type = shape.get("type")
-        if shape_type not in SUPPORTED_TYPES:
+        if shape_type not in TRACKER_TYPES:
             raise RequestError(
                 UNPROCESSABLE,
-                f"object {i}: unsupported shape type {shape_type!r}; this tracker follows "
-                f"{' and '.join(SUPPORTED_TYPES)} shapes",
+                f"object {i}: unsupported shape type {quote(shape_type)}; this tracker follows "
+                f"{', '.join(TRACKER_TYPES)} shapes",
             )
         if "points" not in shape:
             raise RequestError(BAD_REQUEST, f"object {i}: the {shape_type} has no 'points'")
+        if shape_type == "rectangle" and shape.get("rotation") not in (None, 0, 0.0):
+            raise RequestError(UNPROCESSABLE, f"object {i}: rotated rectangles are not tracked")
         try:
-            mask = mask_from_shape(shape_type, shape["points"], *size)
+            mask = tracking.reference_mask(
+                shape_type, shape["points"], size, self.limits.max_polygon_vertices
+            )
+        except ShapeTooLarge as e:
+            raise RequestError(TOO_LARGE, f"object {i}: {e}") from None
         except ShapeError as e:
             raise RequestError(BAD_REQUEST, f"object {i}: {e}") from None
-        reply = {"type": shape_type, "points": shape["points"]}
-        if session_id is None:
-            return _Op("start", shape_type=shape_type, mask=mask, shape=reply)
-        try:
-            session = self._session(session_id, size, i)
-        except RequestError as e:
-            if e.status != NOT_FOUND:
-                raise
-            # The shape alone is enough to start over.
-            return _Op("start", shape_type=shape_type, mask=mask, shape=reply)
-        if session.shape_type != shape_type:
-            raise RequestError(
-                UNPROCESSABLE,
-                f"object {i}: a {shape_type} given for a session that tracks a "
-                f"{session.shape_type}",
-            )
-        return _Op("correct", session_id, session, shape_type, mask, reply)
+        bare = shape.get("bare") is True and shape_type == "rectangle"
+        reply = shape["points"] if bare else {"type": shape_type, "points": shape["points"]}
+        kind = "start" if session_id is None else "correct"
+        return _Op(kind, shape_type, session_id, step, mask=mask, shape=reply, bare=bare)
 
-    def _session(self, session_id: str, size: tuple[int, int], i: int) -> Session:
+    # -- pass 2: the sessions it names --------------------------------------------------------
+    def _attach(self, op: _Op, size: tuple[int, int], i: int) -> None:
+        if op.session_id is None:
+            return
         try:
-            session = self.store.get(session_id)
+            session = self.store.get(op.session_id)
         except SessionNotFound as e:
+            if op.kind == "correct":  # the shape alone is enough to start over
+                op.kind, op.session_id = "start", None
+                return
             raise RequestError(NOT_FOUND, f"object {i}: {e}") from None
+        if op.step != session.step:
+            raise RequestError(
+                CONFLICT,
+                f"object {i}: this state is of step {op.step} of its tracking session, which "
+                f"is at step {session.step}: a replayed or duplicated request",
+            )
         if tuple(session.size) != tuple(size):
             raise RequestError(
                 CONFLICT,
@@ -240,62 +254,104 @@ class ModelHandler:
                 f"{size[1]}x{size[0]}, the session started on a {session.size[1]}x"
                 f"{session.size[0]} image",
             )
-        return session
+        if op.kind == "correct" and session.shape_type != op.shape_type:
+            raise RequestError(
+                UNPROCESSABLE,
+                f"object {i}: a {op.shape_type} given for a session that tracks a "
+                f"{session.shape_type}",
+            )
+        op.session = session
+        op.shape_type = session.shape_type
+        op.bare = session.bare
 
-    # -- running ----------------------------------------------------------------------------
-    def _run(self, op: _Op, image: np.ndarray, created: list[str]) -> tuple[dict | None, dict]:
-        if op.kind == "start":
-            assert op.mask is not None and op.shape_type is not None
-            tracker = new_tracker(self.model, self.config)
-            _step(tracker, image, op.mask)
-            session = Session(tracker, op.shape_type, tuple(image.shape[:2]))
-            session_id = self.store.add(session)
-            created.append(session_id)
-            return op.shape, make_state(session_id, session)
-        assert op.session is not None and op.session_id is not None
-        if op.kind == "correct":
-            _step(op.session.tracker, image, op.mask)
-            shape = op.shape
-        else:
-            labels = _step(op.session.tracker, image, None)
-            points = shape_points(op.session.shape_type, labels == OBJECT_ID)
-            shape = None if points is None else {"type": op.session.shape_type, "points": points}
+    # -- pass 3: the engine -------------------------------------------------------------------
+    def _run(self, ops: list[_Op], image: np.ndarray) -> dict:
+        group = secrets.token_hex(8)
+        created: list[str] = []
+        saved: list[str] = []
+        shapes: list[dict | list | None] = [None] * len(ops)
         try:
-            self.store.save(op.session_id, op.session)
+            for i, op in enumerate(ops):
+                if op.kind == "track":
+                    continue
+                assert op.mask is not None
+                mask = _engine(
+                    tracking.object_mask, self.model, self.config, image, op.shape_type, op.mask
+                )
+                if op.kind == "start":
+                    tracker = _engine(tracking.start, self.model, self.config, image, mask)
+                    op.session = Session(
+                        tracker, op.shape_type, tuple(image.shape[:2]), group, bare=op.bare
+                    )
+                    op.session_id = self.store.add(op.session)
+                    created.append(op.session_id)
+                else:
+                    assert op.session is not None
+                    _engine(tracking.remember, op.session.tracker, image, mask)
+                shapes[i] = op.shape
+            followed = [i for i, op in enumerate(ops) if op.kind == "track"]
+            trackers = [ops[i].session.tracker for i in followed]
+            masks = _engine(tracking.follow, trackers, image)
+            for i, mask in zip(followed, masks, strict=True):
+                shape = tracking.shape_out(ops[i].shape_type, mask)
+                shapes[i] = shape["points"] if shape is not None and ops[i].bare else shape
+            for op in ops:
+                if op.kind != "start":
+                    assert op.session is not None and op.session_id is not None
+                    op.session.step += 1
+                    self.store.save(op.session_id, op.session)
+                    saved.append(op.session_id)
+            # Adding later sessions may have evicted earlier ones of this same request (its
+            # group held the most memory): its states would be dead on arrival.
+            store = self.store
+            evicts = isinstance(store, MemorySessionStore)
+            lost = [i for i, op in enumerate(ops) if evicts and op.session_id not in store]
+            if lost:
+                raise RequestError(
+                    INSUFFICIENT_STORAGE,
+                    f"the {len(ops)} objects of this request do not fit in the function's "
+                    f"session memory (object {lost[0]} was evicted); track fewer at once",
+                )
         except SessionNotFound as e:
+            self._drop(created)
             raise RequestError(NOT_FOUND, str(e)) from None
-        return shape, make_state(op.session_id, op.session)
+        except BaseException:
+            # Sessions this request started are not known to CVAT: do not leave them behind.
+            self._drop(created)
+            raise
+        return {"shapes": shapes, "states": [make_state(op.session_id, op.session) for op in ops]}
+
+    def _drop(self, session_ids: list[str]) -> None:
+        for session_id in session_ids:
+            try:
+                self.store.delete(session_id)
+            except StoreUnavailable:
+                pass  # they expire with the TTL
 
 
-def _step(tracker: Tracker, image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    labels = None if mask is None else mask.astype(np.uint8) * OBJECT_ID
+def _engine(fn: Any, *args: Any) -> Any:
+    """Run an engine call; what the engine refuses about the input is the client's error."""
     try:
-        out, _ = tracker.step(image, labels)
+        return fn(*args)
     except InputError as e:
         raise RequestError(BAD_REQUEST, str(e)) from None
-    return out
+
+
+def _is_box(shape: Any) -> bool:
+    return isinstance(shape, list) and len(shape) == 4
 
 
 def make_state(session_id: str, session: Session) -> dict:
-    """What CVAT keeps between calls: the session id and a few facts about it, never memory."""
+    """What CVAT keeps between calls: the session id, its step and a few facts, never memory."""
     h, w = session.size
     return {
         "v": STATE_VERSION,
         "session": session_id,
+        "step": session.step,
         "type": session.shape_type,
         "width": w,
         "height": h,
     }
-
-
-def _state_session_id(state: Any, i: int) -> str:
-    if not isinstance(state, dict) or not isinstance(state.get("session"), str):
-        raise RequestError(
-            BAD_REQUEST,
-            f"object {i}: malformed state: expected the object this function returned "
-            "(with a 'session' id)",
-        )
-    return state["session"]
 
 
 def _list_field(payload: dict, name: str) -> list:
@@ -305,59 +361,6 @@ def _list_field(payload: dict, name: str) -> list:
     if not isinstance(value, list):
         raise RequestError(BAD_REQUEST, f"'{name}' must be a list, got {type(value).__name__}")
     return value
-
-
-def parse_body(body: Any) -> dict:
-    """The request as a dict; nuclio hands over bytes, text or an already-parsed object."""
-    import json
-
-    if isinstance(body, (bytes, bytearray)):
-        try:
-            body = body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise RequestError(
-                BAD_REQUEST, "the request body is not JSON (not UTF-8 text)"
-            ) from None
-    if isinstance(body, str):
-        if not body.strip():
-            raise RequestError(BAD_REQUEST, "the request body is empty; expected a JSON object")
-        try:
-            body = json.loads(body)
-        except json.JSONDecodeError as e:
-            raise RequestError(BAD_REQUEST, f"the request body is not JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise RequestError(
-            BAD_REQUEST,
-            f"the request body must be a JSON object with 'image', 'shapes' and 'states', "
-            f"got {type(body).__name__}",
-        )
-    return body
-
-
-def decode_image(data: Any) -> np.ndarray:
-    """A base64 (or data: URL) encoded image -> H x W x 3 uint8 RGB."""
-    if data is None:
-        raise RequestError(BAD_REQUEST, "missing 'image': expected a base64-encoded frame")
-    if not isinstance(data, str) or not data:
-        raise RequestError(BAD_REQUEST, "'image' must be a non-empty base64 string")
-    if data.startswith("data:"):
-        data = data.partition(",")[2]
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise RequestError(BAD_REQUEST, "'image' is not valid base64") from None
-    try:
-        with PIL.Image.open(io.BytesIO(raw)) as im:
-            rgb = np.asarray(im.convert("RGB"))
-    except PIL.UnidentifiedImageError:
-        raise RequestError(
-            BAD_REQUEST, "'image' cannot be decoded as an image (no image format recognised)"
-        ) from None
-    except PIL.Image.DecompressionBombError as e:
-        raise RequestError(BAD_REQUEST, f"'image' is too large: {e}") from None
-    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt files
-        raise RequestError(BAD_REQUEST, f"'image' is a damaged image file: {e}") from None
-    return rgb
 
 
 __all__ = [

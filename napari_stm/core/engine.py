@@ -404,11 +404,15 @@ class Tracker:
 
     @property
     def memory_nbytes(self) -> int:
-        kept = sum(
-            i.element_size() * i.numel() + p.element_size() * p.numel()
-            for i, p in self._sources.values()
-        )
-        return self.bank.nbytes + kept
+        """Bytes held between steps: the memory bank, the frames kept to re-encode it, and the
+        frame waiting to enter memory (its image, masks and query features)."""
+        held = [t for pair in self._sources.values() for t in pair]
+        if self._pending is not None:
+            _, image, probs, query, _ = self._pending
+            held += [image, probs]
+            if query is not None:
+                held += [query.key, query.value, *query.skips, *query.extra.values()]
+        return self.bank.nbytes + sum(t.element_size() * t.numel() for t in held if t is not None)
 
     @property
     def top_k(self) -> int | None:

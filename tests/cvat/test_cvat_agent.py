@@ -62,7 +62,7 @@ def nuclio_track(model, frames, shape):
 
 def test_spec_declares_masks_and_polygons():
     assert isinstance(agent.spec, TrackingFunctionSpec)
-    assert agent.spec.supported_shape_types == {"mask", "polygon"}
+    assert agent.spec.supported_shape_types == {"rectangle", "mask", "polygon"}
     assert agent.StmTrackingFunction.spec == agent.spec
     for name in ("preprocess_image", "init_tracking_state", "track", "create"):
         assert callable(getattr(agent, name))

@@ -42,8 +42,11 @@ def start(handler, frame, mask):
 
 
 def step(handler, frame, state):
+    """One tracked frame; ``state`` is updated in place to the new one (states carry a step
+    count, so an old state would be refused as a replay)."""
     status, reply = handler.handle({"image": b64png(frame), "shapes": [None], "states": [state]})
     assert status == 200, reply
+    state.update(reply["states"][0])
     return reply["shapes"][0], reply["states"][0]
 
 
@@ -63,8 +66,8 @@ def bad_requests(frames, labels, state):
         (
             "not an image",
             {"image": base64.b64encode(b"hello, world").decode(), "states": [state]},
-            400,
-            "cannot be decoded",
+            415,
+            "not an image in a format CVAT serves",
         ),
         (
             "truncated png",
@@ -73,10 +76,10 @@ def bad_requests(frames, labels, state):
             "image",
         ),
         (
-            "rectangle",
-            {"image": img, "shapes": [{"type": "rectangle", "points": [1, 2, 30, 40]}]},
+            "ellipse",
+            {"image": img, "shapes": [{"type": "ellipse", "points": [1, 2, 30, 40]}]},
             422,
-            "unsupported shape type 'rectangle'",
+            "unsupported shape type 'ellipse'",
         ),
         (
             "bad rle",
@@ -106,7 +109,7 @@ def bad_requests(frames, labels, state):
         ("shape not object", {"image": img, "shapes": ["mask"]}, 400, "must be an object"),
         (
             "unknown session",
-            {"image": img, "shapes": [None], "states": [{"session": "x" * 43}]},
+            {"image": img, "shapes": [None], "states": [{"session": "x" * 43, "step": 0}]},
             404,
             "unknown or expired tracking session",
         ),
@@ -144,7 +147,13 @@ def test_errors_through_nuclio_are_json_responses(clip):
         for body, status in [
             (b"not json at all", 400),
             (json.dumps({"shapes": []}), 400),
-            (json.dumps({"image": b64png(frames[0]), "states": [{"session": "gone"}]}), 404),
+            (
+                json.dumps(
+                    {"image": b64png(frames[0]), "states": [{"session": "g" * 43, "step": 1}]}
+                ),
+                404,
+            ),
+            (json.dumps({"image": b64png(frames[0]), "states": [{"session": "gone"}]}), 400),
         ]:
             event = Event(body=body, content_type="application/json", method="POST")
             response = platform.call_handler(main.handler, event)
@@ -187,7 +196,7 @@ def test_new_sessions_of_a_failed_request_are_dropped(handler, clip):
         {
             "image": b64png(frames[1]),
             "shapes": [{"type": "mask", "points": encode_mask(labels[1] == 2)}, None],
-            "states": [None, {"session": "unknown" * 6}],
+            "states": [None, {"session": "unknown" * 6 + "x", "step": 3}],
         }
     )
     assert status == 404
@@ -205,7 +214,7 @@ def test_expired_session(handler, clock, clip):
     clock.now += 601
     status, reply = handler.handle({"image": b64png(frames[3]), "states": [state]})
     assert status == 404
-    assert "unknown or expired tracking session" in reply["error"]
+    assert "expired after 600 s unused" in reply["error"]
 
 
 def test_session_cap_evicts_the_least_recently_used(model, clip):
@@ -216,7 +225,7 @@ def test_session_cap_evicts_the_least_recently_used(model, clip):
     step(handler, frames[1], a)  # a is now more recent than b
     c = start(handler, frames[0], labels[0] == 1)
     status, reply = handler.handle({"image": b64png(frames[1]), "states": [b]})
-    assert status == 404 and "unknown or expired" in reply["error"]
+    assert status == 404 and "was evicted: the function holds at most 2 sessions" in reply["error"]
     step(handler, frames[2], a)
     step(handler, frames[1], c)
 
@@ -234,8 +243,8 @@ def test_byte_cap_evicts_the_oldest(model, clip):
     a = start(handler, frames[0], labels[0] == 1)
     b = start(handler, frames[0], labels[0] == 2)
     assert store.nbytes <= int(one * 1.5)
-    status, _ = handler.handle({"image": b64png(frames[1]), "states": [a]})
-    assert status == 404
+    status, reply = handler.handle({"image": b64png(frames[1]), "states": [a]})
+    assert status == 404 and "bytes of memory" in reply["error"]
     step(handler, frames[1], b)
 
 

@@ -101,7 +101,7 @@ def test_state_holds_only_an_unguessable_id(platform, clip):
     assert status == 200
     state = reply["states"][0]
     assert len(state["session"]) >= 43  # secrets.token_urlsafe(32): 256 bits
-    assert set(state) == {"v", "session", "type", "width", "height"}
+    assert set(state) == {"v", "session", "step", "type", "width", "height"}
     assert (state["type"], state["width"], state["height"]) == ("mask", W, H)
     assert len(json.dumps(state)) < 200  # no memory bank in the state
 

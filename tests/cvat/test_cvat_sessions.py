@@ -170,5 +170,7 @@ def test_unreachable_redis_is_503_not_a_crash(model, clip):
     status, reply = handler.handle(body)
     assert status == 503
     assert f"Redis at 127.0.0.1:{port}" in reply["error"]
-    status, reply = handler.handle({"image": b64png(frames[1]), "states": [{"session": "abc"}]})
+    status, reply = handler.handle(
+        {"image": b64png(frames[1]), "states": [{"session": "a" * 43, "step": 0}]}
+    )
     assert status == 503

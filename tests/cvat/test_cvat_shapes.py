@@ -106,7 +106,7 @@ def test_malformed_polygon_is_named(points, message):
 
 
 def test_unsupported_and_empty_shapes():
-    with pytest.raises(ShapeError, match="unsupported shape type 'rectangle'"):
-        mask_from_shape("rectangle", [0, 0, 4, 4], 10, 10)
+    with pytest.raises(ShapeError, match="unsupported shape type 'ellipse'"):
+        mask_from_shape("ellipse", [0, 0, 4, 4], 10, 10)
     with pytest.raises(ShapeError, match="covers no pixel"):
         mask_from_shape("polygon", [50, 50, 60, 50, 60, 60], 10, 10)
