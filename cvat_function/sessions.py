@@ -15,10 +15,12 @@ Two stores:
 
 Fairness. CVAT does not tell a function who calls it, so the sessions one request starts
 (the shapes a person sent tracking together) form a *group*, the closest thing to a user the
-function can see. When the in-process store is full, the least recently used session of the
-group holding the most bytes goes first: a request with many objects evicts its own older
-sessions before anybody else's, and a person tracking one object keeps it. An evicted
-session's id is remembered (bounded), so its next call says it was evicted, not "unknown".
+function can see. When the in-process store is full, room is made from sessions unused for
+``idle_grace`` (10 min; least recently used first), else from groups holding at least as
+much as the group asking, else from the asking group itself: a request with many objects
+cannot push out a person tracking one, and when its own objects do not fit it is refused
+(507) rather than answered with states that are already dead. An evicted session's id is
+remembered (bounded), so its next call says it was evicted, not "unknown".
 
 Replays. Each session counts its steps and the state CVAT keeps carries the count, so a
 state used twice (a replayed or duplicated request) is refused with 409. Each session has a
@@ -127,8 +129,9 @@ class SessionStore(Protocol):
 
 
 class MemorySessionStore:
-    """Live sessions in this process: a TTL, a count cap and a byte cap, evicting the least
-    recently used session of the group that holds the most bytes.
+    """Live sessions in this process: a TTL, a count cap and a byte cap. Room is made from
+    idle sessions first, then from the groups at least as large as the one asking (see the
+    module's "Fairness").
 
     ``clock`` (seconds, monotonic) is injectable so expiry can be tested without waiting.
     A session larger than the byte cap on its own is still kept (alone): refusing it would
@@ -141,6 +144,7 @@ class MemorySessionStore:
         max_bytes: int = 4 << 30,
         ttl: float = DEFAULT_TTL,
         clock: Callable[[], float] = time.monotonic,
+        idle_grace: float = 600.0,
     ) -> None:
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
@@ -151,6 +155,8 @@ class MemorySessionStore:
         self.max_sessions = max_sessions
         self.max_bytes = max_bytes
         self.ttl = ttl
+        #: seconds unused after which a session may be evicted for anybody's request
+        self.idle_grace = idle_grace
         self._clock = clock
         self._lock = threading.RLock()
         # id -> (session, last use, bytes at last save), least recently used first
@@ -239,36 +245,43 @@ class MemorySessionStore:
 
     def _evict(self, keep: str) -> None:
         while True:
-            total = sum(b for _, _, b in self._sessions.values())
+            sizes = [b for _, _, b in self._sessions.values()]
             full = len(self._sessions) > self.max_sessions
-            if not full and total <= self.max_bytes:
+            if not full and sum(sizes) <= self.max_bytes:
                 return
-            groups: dict[str, int] = {}
-            for session, _, b in self._sessions.values():
-                groups[session.group] = groups.get(session.group, 0) + (b if not full else 1)
-            # The biggest group (bytes, or sessions when the count is what is over) gives up
-            # its least recently used session; ``keep`` is being saved right now.
-            for group, _ in sorted(groups.items(), key=lambda kv: -kv[1]):
-                victim = next(
-                    (
-                        k
-                        for k, (s, _, _) in self._sessions.items()
-                        if s.group == group and k != keep
-                    ),
-                    None,
-                )
-                if victim is not None:
-                    break
-            else:
+            victim = self._victim(keep, by_count=full)
+            if victim is None:
                 return
             what = "sessions" if full else "bytes of memory"
             cap = self.max_sessions if full else self.max_bytes
             self._forget(
                 victim,
                 f"tracking session {victim[:8]}... was evicted: the function holds at most {cap} "
-                f"{what} for tracking and the request that started it held the most; start "
-                "tracking again from an annotated frame, with fewer objects at once",
+                f"{what} for tracking, and this one was idle or its request held more; start "
+                "tracking again from an annotated frame",
             )
+
+    def _victim(self, keep: str, by_count: bool) -> str | None:
+        """Who goes to make room for ``keep``: a session idle for ``idle_grace`` s (least
+        recently used first); else one of a group at least as large as ``keep``'s (so a
+        request cannot push out smaller users); else one of ``keep``'s own group."""
+        now = self._clock()
+        own = self._sessions[keep][0].group
+        usage: dict[str, int] = {}
+        for session, _, b in self._sessions.values():
+            usage[session.group] = usage.get(session.group, 0) + (1 if by_count else b)
+        others = [
+            (k, session.group, last)
+            for k, (session, last, _) in self._sessions.items()
+            if k != keep
+        ]  # least recently used first
+        for k, _, last in others:
+            if now - last >= self.idle_grace:
+                return k
+        for k, group, _ in others:
+            if group != own and usage[group] >= usage[own]:
+                return k
+        return next((k for k, group, _ in others if group == own), None)
 
 
 def _not_found(session_id: str) -> str:
