@@ -231,3 +231,29 @@ def test_hung_redis_fails_fast_with_503(model, clip):
         assert time.monotonic() - start < 20  # not socket_timeout=30 plus retries
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("name", ["function.yaml", "function-gpu.yaml"])
+def test_function_yaml_agrees_with_cvat_and_the_handler(name):
+    from pathlib import Path
+
+    import yaml
+
+    from cvat_function.limits import Limits
+    from cvat_function.shapes import TRACKER_TYPES
+
+    path = Path(__file__).parents[2] / "cvat_function" / "nuclio" / name
+    spec = yaml.safe_load(path.read_text())
+    notes = spec["metadata"]["annotations"]
+    assert notes["type"] == "tracker"
+    assert {t.strip() for t in notes["supported_shape_types"].split(",")} == set(TRACKER_TYPES)
+    event_timeout = float(spec["spec"]["eventTimeout"].rstrip("s"))
+    settings = StoreSettings()
+    # CVAT's invocation timeout (CVAT_NUCLIO_DEFAULT_TIMEOUT, 120 s) ends first; a Redis call
+    # fails well inside it; a dead worker's session lock outlives any live step.
+    assert 120 < event_timeout < settings.lock_timeout
+    assert settings.redis_timeout < 120
+    env = {e["name"]: e["value"] for e in spec["spec"]["env"]}
+    assert float(env["NAPARI_STM_SESSION_TTL"]) == DEFAULT_TTL
+    trigger = spec["spec"]["triggers"]["myHttpTrigger"]
+    assert trigger["attributes"]["maxRequestBodySize"] == Limits().max_body_bytes
