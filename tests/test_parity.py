@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from official_reference import FIXTURE, MAKE_WEIGHTS, load_make_weights
+from official_reference import FIXTURE, MAKE_WEIGHTS, load_make_weights, strip_prefix
 
 TOL = 1e-4
 
@@ -139,3 +139,46 @@ def test_propagator_reproduces_official_first_frames(official, weights, two_thre
     print(f"official parity through Propagator, frames 0-{n - 1}: max |diff| {diff:.2e}")
     assert diff <= TOL
     assert all(same_masks(r.labels, official["pred"][r.t], official["probs"][r.t]) for r in results)
+
+
+def test_official_memory_never_sees_the_padding(monkeypatch):
+    # Frames whose sides are not multiples of 16: the official code crops its probabilities to
+    # the frame before storing them and pads them again with zeros when it memorises the frame,
+    # so what the network predicted inside the padding never enters the memory encoder.
+    from napari_stm.core.engine import PropagationConfig, Propagator
+    from napari_stm.core.frames import geometry
+    from napari_stm.core.network import STM
+
+    if not MAKE_WEIGHTS.is_file():
+        pytest.skip(f"official STM weights recipe not found: {MAKE_WEIGHTS}")
+    model = STM()
+    model.load_state_dict(strip_prefix(load_make_weights().make_state_dict(salt="pad")))
+    model.eval()
+    rng = np.random.default_rng(0)
+    h, w = 41, 70  # pads to 48 x 80: 3/4 rows, 5/5 columns
+    frames = rng.integers(0, 256, (5, h, w, 3), dtype=np.uint8)
+    labels = np.zeros((h, w), np.uint8)
+    labels[5:20, 5:25], labels[22:38, 30:50], labels[8:30, 52:68] = 1, 2, 3
+    seen: list[torch.Tensor] = []
+    encode = model.encode_memory
+
+    def spy(image, masks, query=None):
+        seen.append(masks.detach().clone())
+        return encode(image, masks, query)
+
+    monkeypatch.setattr(model, "encode_memory", spy)
+    config = PropagationConfig(memory="official", device="cpu")
+    prop = Propagator(model, frames, config)
+    prop.add_reference(0, labels)
+    results = list(prop.propagate("forward"))
+    assert len(results) == 5
+    geo = geometry((h, w), model.pad_multiple)
+    left, right, top, bottom = geo.pad
+    assert all(geo.pad[i] > 0 for i in range(4))
+    # The reference, then frames 1-3 memorised from the network's own probabilities.
+    assert len(seen) == 4
+    for masks in seen:
+        assert masks.shape == (3, *geo.padded)
+        inside = masks[:, top : masks.shape[1] - bottom, left : masks.shape[2] - right]
+        assert float(masks.abs().sum()) == pytest.approx(float(inside.abs().sum()), abs=0)
+        assert float(inside.sum()) > 0

@@ -22,7 +22,14 @@ import torch
 from torch import Tensor
 
 from napari_stm.core.errors import InputError
-from napari_stm.core.frames import FrameReader, Geometry, Normalize, check_labels, from_network
+from napari_stm.core.frames import (
+    FrameReader,
+    Geometry,
+    Normalize,
+    check_labels,
+    clear_padding,
+    from_network,
+)
 from napari_stm.core.frames import geometry as make_geometry
 from napari_stm.core.memory import MemoryBank
 from napari_stm.core.model import MemoryEntry, QueryFeatures, VOSNetwork
@@ -570,7 +577,11 @@ class Tracker:
             keep = every
         else:
             keep = every and confidence(probs) >= self.config.confidence_gate
-        self._pending = (t, image, probs[1:].contiguous(), query, keep)
+        obj = probs[1:]
+        if self.config.memory == "official":
+            assert self.geo is not None
+            obj = clear_padding(obj, self.geo)
+        self._pending = (t, image, obj.contiguous(), query, keep)
 
     def result(self, t: int, probs: Tensor) -> FrameResult:
         assert self.geo is not None

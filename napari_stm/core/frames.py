@@ -80,6 +80,22 @@ def from_network(x: Tensor, geo: Geometry) -> Tensor:
     return x
 
 
+def clear_padding(x: Tensor, geo: Geometry) -> Tensor:
+    """``x`` [..., Hp, Wp] at network size with zeros in the padding around the frame.
+
+    The official code crops its probabilities to the frame before storing them and pads them
+    again with zeros when it memorises the frame, so its memory never sees what the network
+    predicted inside the padding.
+    """
+    left, right, top, bottom = geo.pad
+    if not any(geo.pad):
+        return x
+    out = torch.zeros_like(x)
+    h, w = x.shape[-2:]
+    out[..., top : h - bottom, left : w - right] = x[..., top : h - bottom, left : w - right]
+    return out
+
+
 class FrameReader:
     """Lazy access to user frames as float32 RGB in [0, 1]."""
 
