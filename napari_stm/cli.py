@@ -1,16 +1,22 @@
-"""`napari-stm propagate | evaluate | demo | models | cvat fill-task`."""
+"""`napari-stm propagate | batch | evaluate | demo | models | cvat fill-task`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from napari_stm.core.errors import CheckpointError, InputError
+
+if TYPE_CHECKING:
+    from napari_stm.core.engine import PropagationConfig
+    from napari_stm.core.model import VOSNetwork
 
 SAMPLE = files("napari_stm") / "data" / "sample_clip"
 OVERLAY_FRAMES = 6
@@ -117,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(p)
     _add_engine_arguments(p)
 
+    from napari_stm import batch
+
+    batch.add_arguments(
+        sub.add_parser("batch", help="fill many videos listed in a CSV, on a Ray cluster")
+    )
+
     p = sub.add_parser("demo", help="propagate the bundled sample clip with the default model")
     p.add_argument("--out", default="stm_demo", help="output folder (default: %(default)s)")
     _add_model_arguments(p)
@@ -164,6 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "propagate":
             return propagate(args)
+        if args.command == "batch":
+            from napari_stm import batch
+
+            return batch.run(args)
         if args.command == "demo":
             return demo(args)
         if args.command == "evaluate":
@@ -224,21 +240,41 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def propagate(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from napari_stm import io
-    from napari_stm.core.engine import PropagationConfig, Propagator
     from napari_stm.core.weights import default_model_name, load_model
 
-    source = io.open_frames(args.frames)
-    masks = io.read_masks(args.masks, source.stems, source.frame_shape)
-    if not masks:
-        raise InputError(f"no masks found in '{args.masks}'")
-    out = Path(args.out)
-    as_tiff = out.suffix.lower() in (".tif", ".tiff")
-    _check_outputs(args, out, as_tiff)
+    config = engine_config(args)
 
-    config = PropagationConfig(
+    def load() -> VOSNetwork:
+        return load_model(
+            args.model or default_model_name(),
+            weights=args.weights,
+            device=args.device,
+            sha256=args.sha256,
+            progress=not args.quiet,
+        )
+
+    propagate_files(
+        args.frames,
+        args.masks,
+        args.out,
+        config,
+        load,
+        direction=args.direction,
+        start=args.start,
+        stop=args.stop,
+        probs=args.probs,
+        overlay=args.overlay,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+    )
+    return 0
+
+
+def engine_config(args: argparse.Namespace) -> PropagationConfig:
+    """The engine settings the propagation arguments (``_add_engine_arguments``) give."""
+    from napari_stm.core.engine import PropagationConfig
+
+    return PropagationConfig(
         memory=args.memory,
         mem_every=args.mem_every,
         max_memory=args.max_memory,
@@ -249,49 +285,77 @@ def propagate(args: argparse.Namespace) -> int:
         device=args.device,
         compile=args.compile,
     )
-    model = load_model(
-        args.model or default_model_name(),
-        weights=args.weights,
-        device=args.device,
-        sha256=args.sha256,
-        progress=not args.quiet,
-    )
-    prop = Propagator(model, source, config)
-    for t, labels in masks.items():
+
+
+def propagate_files(
+    frames: str | os.PathLike,
+    masks: str | os.PathLike,
+    out: str | os.PathLike,
+    config: PropagationConfig,
+    load: Callable[[], VOSNetwork],
+    *,
+    direction: str = "both",
+    start: int | None = None,
+    stop: int | None = None,
+    probs: str | os.PathLike | None = None,
+    overlay: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> int:
+    """What `napari-stm propagate` writes, from files to files; returns the frames written.
+
+    ``load`` gives the model once the inputs and outputs have been checked, so a bad input
+    fails before any weights are read. `napari-stm batch` runs each video through here.
+    """
+    from tqdm import tqdm
+
+    from napari_stm import io
+    from napari_stm.core.engine import Propagator
+
+    source = io.open_frames(frames)
+    refs = io.read_masks(masks, source.stems, source.frame_shape)
+    if not refs:
+        raise InputError(f"no masks found in '{masks}'")
+    out = Path(out)
+    as_tiff = out.suffix.lower() in (".tif", ".tiff")
+    _check_outputs(frames, masks, out, as_tiff, probs, overlay, overwrite)
+
+    prop = Propagator(load(), source, config)
+    for t, labels in refs.items():
         prop.add_reference(t, labels)
 
     n = len(source)
-    start = 0 if args.start is None else args.start
-    stop = n if args.stop is None else args.stop
-    reached = prop.reach(args.direction, start, stop)  # also checks the range and references
+    start = 0 if start is None else start
+    stop = n if stop is None else stop
+    reached = prop.reach(direction, start, stop)  # also checks the range and references
     ids = prop.object_ids
     h, w = source.frame_shape[:2]
     shown = set(np.linspace(start, stop - 1, min(OVERLAY_FRAMES, stop - start)).round().astype(int))
     kept: dict[int, np.ndarray] = {}
-    probs = (
+    prob_stack = (
         np.lib.format.open_memmap(
-            _temp_npy(args.probs),
+            _temp_npy(probs),
             mode="w+",
             dtype=np.float32,
             shape=(stop - start, len(ids) + 1, h, w),
         )
-        if args.probs
+        if probs
         else None
     )
-    if probs is not None:
-        probs[:] = 0
-    bar = tqdm(total=len(reached), unit="frame", disable=args.quiet, desc="propagating")
-    tiff = _OrderedTiff(out, start, stop, reached, (h, w), args.overwrite) if as_tiff else None
+    if prob_stack is not None:
+        prob_stack[:] = 0
+    bar = tqdm(total=len(reached), unit="frame", disable=quiet, desc="propagating")
+    tiff = _OrderedTiff(out, start, stop, reached, (h, w), overwrite) if as_tiff else None
     if not as_tiff:
         out.mkdir(parents=True, exist_ok=True)
     try:
-        for res in prop.propagate(args.direction, start, stop):
+        for res in prop.propagate(direction, start, stop):
             if tiff is not None:
                 tiff.put(res.t, res.labels)
             else:
                 io.write_palette_png(out / f"{source.stems[res.t]}.png", res.labels)
-            if probs is not None:
-                probs[res.t - start] = res.probs
+            if prob_stack is not None:
+                prob_stack[res.t - start] = res.probs
             if res.t in shown:
                 kept[res.t] = res.labels
             bar.update(1)
@@ -303,47 +367,55 @@ def propagate(args: argparse.Namespace) -> int:
         raise
     finally:
         bar.close()
-    if probs is not None:
-        probs.flush()
-        _save_probs(args.probs, probs, ids, [source.stems[t] for t in range(start, stop)])
-    if args.overlay and kept:
-        io.save_overlay_grid(args.overlay, source, kept, n=len(kept))
+    if prob_stack is not None:
+        prob_stack.flush()
+        _save_probs(probs, prob_stack, ids, [source.stems[t] for t in range(start, stop)])
+    if overlay and kept:
+        io.save_overlay_grid(overlay, source, kept, n=len(kept))
     unreached = (stop - start) - len(reached)
     if unreached:
         print(
             f"note: {unreached} frames lie before the first (or after the last) reference in "
-            f"direction '{args.direction}' and were not segmented",
+            f"direction '{direction}' and were not segmented",
             file=sys.stderr,
         )
-    return 0
+    return len(reached)
 
 
-def _check_outputs(args: argparse.Namespace, out: Path, as_tiff: bool) -> None:
+def _check_outputs(
+    frames: str | os.PathLike,
+    masks: str | os.PathLike,
+    out: Path,
+    as_tiff: bool,
+    probs: str | os.PathLike | None,
+    overlay: str | os.PathLike | None,
+    overwrite: bool,
+) -> None:
     # Never write over the user's inputs, and never over earlier results unless asked to.
-    inputs = {Path(args.frames).resolve(), Path(args.masks).resolve()}
+    inputs = {Path(frames).resolve(), Path(masks).resolve()}
     if out.resolve() in inputs:
         raise InputError(f"--out '{out}' is one of the inputs; choose another folder")
-    if not args.overwrite:
+    if not overwrite:
         if as_tiff and out.exists():
             raise InputError(f"'{out}' exists; pass --overwrite to replace it")
         if not as_tiff and out.is_dir() and any(out.iterdir()):
             raise InputError(f"output folder '{out}' is not empty; pass --overwrite to reuse it")
-        for extra in (args.probs, args.overlay):
+        for extra in (probs, overlay):
             if extra and Path(extra).exists():
                 raise InputError(f"'{extra}' exists; pass --overwrite to replace it")
     if out.exists() and not as_tiff and not out.is_dir():
         raise InputError(f"--out '{out}' is a file; give a folder or a .tif path")
 
 
-def _temp_npy(path: str) -> Path:
+def _temp_npy(path: str | os.PathLike) -> Path:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     return target.with_name(f".{target.name}.probs.npy")
 
 
-def _save_probs(path: str, probs: np.memmap, ids: list[int], stems: list[str]) -> None:
-    import os
-
+def _save_probs(
+    path: str | os.PathLike, probs: np.memmap, ids: list[int], stems: list[str]
+) -> None:
     target = Path(path)
     tmp = target.with_name(f".{target.name}.part.npz")
     try:
