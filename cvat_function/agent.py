@@ -60,7 +60,7 @@ class StmTrackingFunction:
     ) -> TrackingState:
         # ShapeError (a ValueError) tells the agent the request was bad.
         mask = tracking.reference_mask(shape.type, list(shape.points), pp_image.shape[:2])
-        mask = tracking.object_mask(self.model, self.config, pp_image, shape.type, mask)
+        mask = tracking.object_mask(pp_image, shape.type, mask)
         tracker = tracking.start(self.model, self.config, pp_image, mask)
         return TrackingState(tracker, shape.type)
 

@@ -275,9 +275,7 @@ class ModelHandler:
                 if op.kind == "track":
                     continue
                 assert op.mask is not None
-                mask = _engine(
-                    tracking.object_mask, self.model, self.config, image, op.shape_type, op.mask
-                )
+                mask = _engine(tracking.object_mask, image, op.shape_type, op.mask)
                 if op.kind == "start":
                     tracker = _engine(tracking.start, self.model, self.config, image, mask)
                     op.session = Session(
