@@ -274,17 +274,8 @@ def engine_config(args: argparse.Namespace) -> PropagationConfig:
     """The engine settings the propagation arguments (``_add_engine_arguments``) give."""
     from napari_stm.core.engine import PropagationConfig
 
-    return PropagationConfig(
-        memory=args.memory,
-        mem_every=args.mem_every,
-        max_memory=args.max_memory,
-        top_k=args.top_k,
-        motion_sigma=args.motion_sigma,
-        confidence_gate=args.confidence_gate,
-        max_side=args.max_side,
-        device=args.device,
-        compile=args.compile,
-    )
+    # Every option the parser defines under a PropagationConfig field's name.
+    return PropagationConfig.from_options(args)
 
 
 def propagate_files(

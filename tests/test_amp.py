@@ -10,7 +10,7 @@ import pytest
 import torch
 from official_reference import MAKE_WEIGHTS, REFERENCE, load_make_weights, strip_prefix
 
-from napari_stm.core import engine
+from napari_stm.core import engine, runtime
 from napari_stm.core.engine import PropagationConfig, Propagator
 from napari_stm.core.network import STM
 from napari_stm.core.readout import memory_read, motion_prior
@@ -20,7 +20,7 @@ from napari_stm.synthetic import make_clip
 
 @pytest.fixture
 def amp_on_cpu(monkeypatch):
-    monkeypatch.setattr(engine, "AMP_DEVICES", frozenset({"cuda", "cpu"}))
+    monkeypatch.setattr(runtime, "AMP_DEVICES", frozenset({"cuda", "cpu"}))
 
 
 def spread_memory(ck: int, cv: int, grid=(12, 20), frames=4, seed=0):
@@ -88,7 +88,7 @@ def test_mixed_precision_propagation_matches_float32(name, memory, monkeypatch):
     frames, labels = make_clip(n_frames=8, height=64, width=96, n_objects=2, seed=3)
     model = _model(name)
     want = _propagate(model, frames, labels[0], memory)
-    monkeypatch.setattr(engine, "AMP_DEVICES", frozenset({"cuda", "cpu"}))
+    monkeypatch.setattr(runtime, "AMP_DEVICES", frozenset({"cuda", "cpu"}))
     got = _propagate(model, frames, labels[0], memory)
     # Half-precision storage is the bounded memory's (official mode keeps float32, as the
     # paper's code did).

@@ -170,7 +170,7 @@ def test_confidence_gate_keeps_uncertain_frames_out(tiny_model):
     unsure = torch.full_like(certain, 1 / 3)
     assert confidence(certain) == 1.0 and confidence(unsure) == 0.0
     with torch.inference_mode():
-        _, query = tr.segment(1, image)
+        query = tr.segment(1, image).query
         tr.remember(1, image, unsure, query)
         tr.segment(2, image)  # the pending frame is written before this read
         assert tr.bank.frames("working") == []

@@ -226,16 +226,32 @@ def _topk_read(
     return out
 
 
-def soft_aggregate(probs: Tensor, extra_slots: int = 0, eps: float = 1e-7) -> Tensor:
-    """Merge independent per-object probabilities [N, H, W] into logits [1 + N + extra, H, W].
+def soft_aggregate(
+    objects: Tensor, extra_slots: int = 0, eps: float = 1e-7, logits: bool = False
+) -> Tensor:
+    """Merge independent per-object probabilities [..., N, H, W] into class logits
+    [..., 1 + N + extra, H, W] (background first).
 
     The paper's soft aggregation: background = prod(1 - p_k), objects p_k, clamped to
     [eps, 1 - eps], logit = log(q / (1 - q)). ``extra_slots`` unused object slots of
     probability 0 (the official evaluation keeps 11 slots in all) take part in the softmax.
+
+    With ``logits``, ``objects`` are the objects' logits and the same aggregation runs in log
+    space (what training differentiates): an object's aggregated logit is its own logit
+    exactly, unclamped, and the background's follows from ``sum log(1 - p_k)``, so gradients
+    stay finite where probabilities saturate.
     """
-    n, h, w = probs.shape
-    em = probs.new_zeros(1 + n + extra_slots, h, w)
-    em[0] = torch.prod(1 - probs, dim=0)
-    em[1 : n + 1] = probs
+    n, h, w = objects.shape[-3:]
+    lead = objects.shape[:-3]
+    if logits:
+        x = objects.float()
+        log_bg = F.logsigmoid(-x).sum(dim=-3, keepdim=True).clamp(max=-eps)  # log prod(1 - p_k)
+        parts = [log_bg - torch.log(-torch.expm1(log_bg)), x]
+        if extra_slots:
+            parts.append(x.new_full((*lead, extra_slots, h, w), math.log(eps / (1 - eps))))
+        return torch.cat(parts, dim=-3)
+    em = objects.new_zeros(*lead, 1 + n + extra_slots, h, w)
+    em[..., 0, :, :] = torch.prod(1 - objects, dim=-3)
+    em[..., 1 : n + 1, :, :] = objects
     em = em.clamp(eps, 1 - eps)
     return torch.log(em / (1 - em))

@@ -55,7 +55,8 @@ def frame_hash(frame: np.ndarray) -> str:
 
 
 def signature(**settings: Any) -> str:
-    """What makes two runs' predictions interchangeable (model, weights, memory, direction)."""
+    """What makes two runs' predictions interchangeable: the model, its weights, the direction
+    and every setting that changes results (``core.config.algorithm_settings``)."""
     return json.dumps(settings, sort_keys=True, default=str)
 
 

@@ -34,6 +34,7 @@ from napari.qt.threading import thread_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
 
+from napari_stm.core.config import algorithm_settings
 from napari_stm.core.engine import PropagationConfig, Propagator
 from napari_stm.core.errors import CheckpointError, InputError
 from napari_stm.core.model import VOSNetwork
@@ -357,11 +358,8 @@ class PropagateWidget(Container):
             model=name,
             weights=weights,
             direction=direction,
-            mem_every=config.mem_every,
-            max_memory=config.max_memory,
-            memory=config.memory,
-            max_side=config.max_side,
             context=view.context_key(),
+            **algorithm_settings(config),
         )
         lo, hi = self._frame_range(image, view, direction)
         plan = ledger_mod.plan_run(

@@ -1,8 +1,9 @@
 """The training loop: the engine's own calls on T-frame clips, AdamW, checkpoints that resume.
 
-One step is exactly what the propagation engine does on a video: frame 0 and its true masks go
-into memory, frame 1 is segmented, frame 1 with its predicted (soft-aggregated) probabilities
-goes into memory, frame 2 is segmented from memory {0, 1}, and so on: later frames are read
+One step is exactly what the propagation engine does on a video, through the same step function
+(core/step.py): frame 0 and its true masks go into memory, frame 1 is segmented, frame 1 with its
+predicted (soft-aggregated) probabilities goes into memory, frame 2 is segmented from memory
+{0, 1}, and so on: later frames are read
 from memory holding the network's own predictions, where masks shrink or drift if they do
 (optionally through the engine's motion prior). The loss is the cross-entropy of the
 soft-aggregated predictions of frames 1.. against their labels.
@@ -32,14 +33,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from napari_stm.core.errors import CheckpointError, InputError
+from napari_stm.core.model import QueryFeatures
 from napari_stm.core.readout import motion_prior
+from napari_stm.core.step import Read, step
 from napari_stm.core.stm_lite import STMLite
 from napari_stm.core.weights import load_state_dict, read_state_dict, resolve_device
-from napari_stm.train.losses import (
-    aggregate_logits,
-    bootstrap_fraction,
-    bootstrapped_cross_entropy,
-)
+from napari_stm.train.losses import bootstrap_fraction, bootstrapped_cross_entropy
 
 logger = logging.getLogger(__name__)
 
@@ -121,33 +120,35 @@ def clip_logits(
     motion_sigma: float | None = None,
 ) -> list[Tensor]:
     """Soft-aggregated class logits [B, 1 + objects, S, S] of frames 1..T-1 of a batch of clips,
-    computed with the engine's sequence of network calls.
+    computed by the engine's step function (core/step.py).
 
     ``images`` [B, T, 3, S, S] in [0, 1], ``labels`` [B, T, S, S] (0..objects); only frame 0's
-    labels are used. ``motion_sigma``: the engine's position-aware read
-    (:func:`napari_stm.core.readout.motion_prior`) with this spread per frame, or none.
+    labels are used. Every frame is memorised (the engine with ``mem_every=1``) with its
+    soft-aggregated probabilities, and read densely. ``motion_sigma``: the engine's
+    position-aware read (:func:`napari_stm.core.readout.motion_prior`) with this spread per
+    frame, or none.
     """
     t = images.shape[1]
     if t < 2:
         raise InputError("a training clip needs at least 2 frames")
-    queries = [model.encode_query(images[:, i]) for i in range(t)]
-    entry = model.encode_memory(images[:, 0], one_hot_masks(labels[:, 0], objects), queries[0])
+    query = model.encode_query(images[:, 0])
+    entry = model.encode_memory(images[:, 0], one_hot_masks(labels[:, 0], objects), query)
     keys, values = [entry.keys.flatten(2)], [entry.values.flatten(3)]
-    out = []
-    for i in range(1, t):
+
+    def memory(query: QueryFeatures) -> Read:
         prior = None
         if motion_sigma is not None:
-            grid = queries[i].key.shape[-2:]
-            gaps = torch.arange(i, 0, -1, device=images.device)  # memory frames 0..i-1
+            grid = query.key.shape[-2:]
+            gaps = torch.arange(len(keys), 0, -1, device=images.device)  # frames 0..i-1
             prior = motion_prior(gaps, (grid[0], grid[1]), motion_sigma)
-        mem_k, mem_v = torch.cat(keys, -1), torch.cat(values, -1)
-        logits = model.segment(queries[i], mem_k, mem_v, prior=prior, logits=True)
-        agg = aggregate_logits(logits)
-        out.append(agg)
+        return Read(torch.cat(keys, -1), torch.cat(values, -1), prior=prior)
+
+    out = []
+    for i in range(1, t):
+        res = step(model, images[:, i], memory, logits=True)
+        out.append(res.logits)
         if i < t - 1:
-            # As the engine: the frame goes into memory with its soft-aggregated probabilities.
-            probs = torch.softmax(agg, dim=1)[:, 1:]
-            entry = model.encode_memory(images[:, i], probs, queries[i])
+            entry = model.encode_memory(images[:, i], res.objects, res.query)
             keys.append(entry.keys.flatten(2))
             values.append(entry.values.flatten(3))
     return out

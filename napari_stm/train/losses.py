@@ -1,27 +1,13 @@
-"""Losses: cross-entropy over soft-aggregated objects, optionally on the hardest pixels only."""
+"""Losses: cross-entropy over soft-aggregated objects, optionally on the hardest pixels only.
+
+The soft aggregation itself is the engine's (``napari_stm.core.readout.soft_aggregate`` with
+``logits=True``), taken inside the step function both training and inference call.
+"""
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-#: background probability is kept below 1 - this, so its logit stays finite
-_EPS = 1e-7
-
-
-def aggregate_logits(object_logits: Tensor) -> Tensor:
-    """Per-object logits [B, N, H, W] -> class logits [B, 1 + N, H, W] (background first).
-
-    The soft aggregation of :func:`napari_stm.core.readout.soft_aggregate` (background
-    ``prod(1 - p_k)``, objects ``p_k``, each turned into ``log(q / (1 - q))``) computed in log
-    space: an object's aggregated logit is its own logit exactly, and the background's follows
-    from ``sum log(1 - p_k)``. The same softmax as the engine's, with stable gradients.
-    """
-    x = object_logits.float()
-    log_bg = F.logsigmoid(-x).sum(dim=1, keepdim=True).clamp(max=-_EPS)  # log prod(1 - p_k)
-    bg = log_bg - torch.log(-torch.expm1(log_bg))  # log(q / (1 - q))
-    return torch.cat([bg, x], dim=1)
 
 
 def bootstrapped_cross_entropy(logits: Tensor, target: Tensor, top_fraction: float = 1.0) -> Tensor:

@@ -7,25 +7,22 @@ import torch
 import torch.nn.functional as F
 
 from napari_stm.core.readout import soft_aggregate
-from napari_stm.train.losses import (
-    aggregate_logits,
-    bootstrap_fraction,
-    bootstrapped_cross_entropy,
-)
+from napari_stm.train.losses import bootstrap_fraction, bootstrapped_cross_entropy
 
 
-def test_aggregate_logits_equals_the_engines_soft_aggregation():
+@pytest.mark.parametrize("extra", [0, 2])
+def test_aggregation_of_logits_equals_the_engines_soft_aggregation(extra):
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 8, 8) * 3
-    ours = torch.softmax(aggregate_logits(logits), dim=1)
+    ours = torch.softmax(soft_aggregate(logits, extra_slots=extra, logits=True), dim=1)
     for b in range(2):
-        engine = torch.softmax(soft_aggregate(torch.sigmoid(logits[b])), dim=0)
+        engine = torch.softmax(soft_aggregate(torch.sigmoid(logits[b]), extra_slots=extra), dim=0)
         torch.testing.assert_close(ours[b], engine, atol=1e-5, rtol=1e-4)
 
 
-def test_aggregate_logits_has_finite_gradients_when_saturated():
+def test_aggregation_of_logits_has_finite_gradients_when_saturated():
     logits = torch.tensor([[[[40.0, -40.0]], [[-40.0, -40.0]]]], requires_grad=True)
-    loss = F.cross_entropy(aggregate_logits(logits), torch.tensor([[[1, 0]]]))
+    loss = F.cross_entropy(soft_aggregate(logits, logits=True), torch.tensor([[[1, 0]]]))
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
 

@@ -1,0 +1,93 @@
+"""Which frames a propagation computes, in which passes, from which references.
+
+A pass is one tracker walking frames in order from a reference. ``forward`` is one pass from the
+first reference to the end of the range, ``backward`` one pass from the last reference back to
+its start; ``both`` walks outwards from the outer references and, between two references, first
+backwards (its probabilities stored) and then forwards, blending the two sides.
+Ranges are ``[start, stop)``: ``stop`` is the frame after the last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from napari_stm.core.config import Direction
+from napari_stm.core.errors import InputError
+
+DIRECTIONS = ("forward", "backward", "both")
+
+
+@dataclass
+class Pass:
+    """Frames one tracker walks, in order; the first is a reference."""
+
+    frames: list[int]
+    #: "plain": yield; "store": keep probabilities for a later fused pass; "fused": blend, yield
+    mode: Literal["plain", "store", "fused"] = "plain"
+    #: the two references a "store" or "fused" pass lies between
+    span: tuple[int, int] = (0, 0)
+    #: frames of the pass computed but not yielded (the first, when an earlier pass yielded it)
+    emit_from: int = 0
+
+    @property
+    def yields(self) -> list[int]:
+        """The frames this pass hands to the caller."""
+        return [] if self.mode == "store" else self.frames[self.emit_from :]
+
+
+def check_direction(direction: str) -> None:
+    if direction not in DIRECTIONS:
+        raise InputError(f"direction must be forward, backward or both, not {direction!r}")
+
+
+def check_range(
+    direction: str, n: int, start: int | None, stop: int | None, references: list[int]
+) -> tuple[int, int, list[int]]:
+    """``[start, stop)`` of a video of ``n`` frames (None: its ends), and the references in it.
+
+    Raises :class:`InputError` naming what is wrong.
+    """
+    check_direction(direction)
+    start = 0 if start is None else int(start)
+    stop = n if stop is None else int(stop)
+    if not 0 <= start < stop <= n:
+        raise InputError(f"start/stop {start}..{stop} do not fit a video of {n} frames")
+    if not references:
+        raise InputError("no reference frame: draw a mask on at least one frame")
+    refs = sorted(t for t in references if start <= t < stop)
+    if not refs:
+        raise InputError(
+            f"no reference frame between {start} and {stop - 1}: annotated frames are "
+            f"{sorted(references)}"
+        )
+    return start, stop, refs
+
+
+def plan_passes(direction: Direction, refs: list[int], start: int, stop: int) -> list[Pass]:
+    """The passes a direction needs; each starts on a reference and yields each frame once."""
+    if direction == "forward":
+        return [Pass(list(range(refs[0], stop)))]
+    if direction == "backward":
+        return [Pass(list(range(refs[-1], start - 1, -1)))]
+    plan: list[Pass] = []
+    if refs[0] > start:
+        plan.append(Pass(list(range(refs[0], start - 1, -1))))
+    for a, b in zip(refs, refs[1:], strict=False):
+        if b - a > 1:
+            plan.append(Pass(list(range(b, a, -1)), mode="store", span=(a, b)))
+            plan.append(Pass(list(range(a, b)), mode="fused", span=(a, b)))
+        else:
+            plan.append(Pass([a]))
+    plan.append(Pass(list(range(refs[-1], stop))))
+    seen: set[int] = set()
+    for p in plan:
+        if p.mode != "store":
+            p.emit_from = 1 if p.frames[0] in seen else 0
+            seen.update(p.frames)
+    return plan
+
+
+def reach(plan: list[Pass]) -> set[int]:
+    """Every frame the passes yield."""
+    return {t for p in plan for t in p.yields}

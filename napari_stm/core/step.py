@@ -1,0 +1,108 @@
+"""One step: encode the query frame, read the memory, decode, aggregate the objects.
+
+The tracker (CVAT sessions, napari and CLI passes through the propagator) and training call this
+same function; what differs between them is a parameter: where the memory comes from (a
+memory bank read under a policy, or a training clip's frames so far), whether the network's
+logits are wanted (training differentiates the aggregation in log space) and which objects are
+active yet. What the frame is memorised with is the caller's policy
+(:meth:`napari_stm.core.policy.MemoryPolicy.memorised`); :attr:`StepOutput.objects` is the
+step's own answer to it.
+
+The output keeps the query features and the read's attention inputs, so a caller can reuse
+them: memorising the frame with its own query features (networks whose memory keys are their
+query keys skip a second encoder pass), or asking the read again where a pixel's answer came
+from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from napari_stm.core.model import QueryFeatures
+from napari_stm.core.readout import MotionPrior, soft_aggregate
+
+
+class StepNetwork(Protocol):
+    """What a step calls: a :class:`~napari_stm.core.runtime.Runtime`, or a network itself."""
+
+    def encode_query(self, image: Tensor) -> QueryFeatures: ...
+
+    def segment(
+        self, query: QueryFeatures, keys: Tensor, values: Tensor, *args: Any, **kwargs: Any
+    ) -> Tensor: ...
+
+
+@dataclass
+class Read:
+    """The attention inputs of one memory read (``VOSNetwork.segment``'s memory arguments)."""
+
+    #: [Nk, Ck, M] (or [B, Ck, M] batched): every memory frame's keys, flattened, concatenated
+    keys: Tensor
+    #: [N, Cv, M] (or [B, N, Cv, M])
+    values: Tensor
+    top_k: int | None = None
+    prior: MotionPrior | None = None
+    #: the frame of each memory frame, in the order of ``keys`` (None: not tracked)
+    times: list[int] | None = None
+
+
+@dataclass
+class StepOutput:
+    """What one step computed for a frame."""
+
+    #: class logits [(B,) 1 + N + extra, H, W] after soft aggregation (background first)
+    logits: Tensor
+    #: class probabilities [(B,) 1 + N, H, W]: the softmax of ``logits`` over its real classes
+    probs: Tensor
+    query: QueryFeatures
+    read: Read
+
+    @property
+    def objects(self) -> Tensor:
+        """Object probabilities [(B,) N, H, W]: what the frame is memorised with by default."""
+        return self.probs[..., 1:, :, :].contiguous()
+
+
+def step(
+    net: StepNetwork,
+    image: Tensor | None,
+    memory: Callable[[QueryFeatures], Read],
+    *,
+    query: QueryFeatures | None = None,
+    active: Tensor | None = None,
+    extra_slots: int = 0,
+    logits: bool = False,
+    precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> StepOutput:
+    """Segment one frame (or a batch of frames) from memory.
+
+    ``image`` [B, 3, H, W] is encoded unless its ``query`` features are given. ``memory`` gives
+    the read for these query features (a motion prior depends on their grid). ``active`` [N]
+    bool zeroes the objects not tracked yet (probabilities only). ``extra_slots`` empty object
+    slots take part in the aggregation's softmax. The network calls run inside ``precision()``
+    (an autocast context); the aggregation in float32 after them.
+    """
+    with precision():
+        if query is None:
+            assert image is not None, "a step needs an image or its query features"
+            query = net.encode_query(image)
+        read = memory(query)
+        # The memory goes in as stored: the read converts it (readout.memory_read).
+        if logits:
+            obj = net.segment(query, read.keys, read.values, read.top_k, read.prior, logits=True)
+        else:
+            obj = net.segment(query, read.keys, read.values, read.top_k, read.prior)
+    obj = obj.float()
+    n = obj.shape[-3]
+    if active is not None:
+        assert not logits, "inactive objects are zeroed as probabilities, not logits"
+        obj = obj * active.to(obj.device, torch.float32)[:, None, None]
+    agg = soft_aggregate(obj, extra_slots=extra_slots, logits=logits)
+    probs = torch.softmax(agg, dim=-3)[..., : n + 1, :, :]
+    return StepOutput(agg, probs, query, read)

@@ -1,0 +1,386 @@
+"""A stream of frames through one step at a time, around a memory bank.
+
+``Tracker.step(frame, labels)`` memorises a reference, ``Tracker.step(frame)`` segments the next
+frame: the whole contract of a streaming adapter such as a CVAT tracking session. The
+:class:`~napari_stm.core.propagator.Propagator` drives trackers through its passes with the
+finer calls (``add_reference``, ``segment``, ``remember``, ``result``). What is memorised, kept
+and read is the tracker's memory policy's choice (core/policy.py); each frame is computed by
+the one step function (core/step.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from napari_stm.core.config import AlgorithmConfig, PropagationConfig
+from napari_stm.core.errors import InputError
+from napari_stm.core.frames import FrameReader, Geometry, check_labels, from_network, to_network
+from napari_stm.core.frames import geometry as make_geometry
+from napari_stm.core.model import MemoryEntry, QueryFeatures, VOSNetwork
+from napari_stm.core.motion import MotionEstimate
+from napari_stm.core.policy import make_policy
+from napari_stm.core.readout import MotionPrior, motion_prior
+from napari_stm.core.runtime import half_precision, prepare
+from napari_stm.core.step import Read, StepOutput, step
+
+
+@dataclass
+class FrameResult:
+    """One segmented frame. ``probs`` is computed on first access."""
+
+    t: int
+    labels: np.ndarray
+    is_reference: bool
+    _probs: Tensor | np.ndarray = field(repr=False)
+    _geo: Geometry | None = field(default=None, repr=False)
+
+    @property
+    def probs(self) -> np.ndarray:
+        """float32 [N+1, H, W]: background, then objects by ascending id."""
+        if isinstance(self._probs, Tensor):
+            assert self._geo is not None
+            p = from_network(self._probs[None].float(), self._geo)[0]
+            self._probs = p.cpu().numpy()
+        return self._probs
+
+    def __iter__(self):  # noqa: ANN204
+        # Lets adapters unpack ``t, labels, probs = result``.
+        return iter((self.t, self.labels, self.probs))
+
+
+def working_geometry(size: tuple[int, int], model: VOSNetwork, config: AlgorithmConfig) -> Geometry:
+    """How frames of ``size`` map to the network: the configured or the network's working side."""
+    side = model.working_side if config.max_side is None else config.max_side
+    return make_geometry(size, model.pad_multiple, side or None)
+
+
+def one_hot(labels: Tensor, ids: list[int]) -> Tensor:
+    """[H, W] integer labels -> [len(ids), H, W] float masks (unknown ids are background)."""
+    return (
+        torch.stack([(labels == i) for i in ids]).float()
+        if ids
+        else labels.new_zeros((0, *labels.shape), dtype=torch.float32)
+    )
+
+
+def from_labels(labels: Tensor, ids: list[int], geo: Geometry | None) -> Tensor:
+    """Reference labels [H, W] -> object probabilities [N, Hp, Wp] at network size."""
+    masks = one_hot(labels, ids)[None]
+    if geo is not None:
+        masks = to_network(masks, geo, mode="area")
+    return masks[0]
+
+
+class Tracker:
+    """One direction of propagation, frame by frame, around a memory bank.
+
+    ``step(frame, labels)`` memorises a reference; ``step(frame)`` segments the next frame and
+    updates the memory under the configured policy.
+    """
+
+    def __init__(
+        self,
+        model: VOSNetwork,
+        config: PropagationConfig | None = None,
+        object_ids: list[int] | None = None,
+        keep_sources: bool = True,
+        geometry: Geometry | None = None,
+    ) -> None:
+        self.model = model
+        self.config = config or PropagationConfig()
+        self.runtime = prepare(model, self.config)
+        self.device = self.runtime.device
+        self.policy = make_policy(self.config, model)
+        self.bank = self.policy.bank(half_precision(self.device, self.config.amp))
+        self.object_ids: list[int] = sorted(object_ids or [])
+        self.active = torch.zeros(len(self.object_ids), dtype=torch.bool)
+        #: how frames map to the network; None: set by the first frame :meth:`step` sees
+        self.geo: Geometry | None = geometry
+        self.steps = 0  # frames seen since the pass started
+        self._pending: tuple[int, Tensor, Tensor, QueryFeatures | None, bool] | None = None
+        self._sources: dict[int, tuple[Tensor, Tensor]] = {}
+        # What each memory entry was made from, so objects that appear later can be added to
+        # it. A caller that knows every object up front (Propagator) saves that memory.
+        self._keep_sources = keep_sources
+        self._intensity: tuple[np.ndarray, np.ndarray] | None = None
+        self._last_t: int | None = None
+        self._referenced = False
+        self.motion = MotionEstimate()
+
+    # -- saving -------------------------------------------------------------------------------
+    #: version of :meth:`state_dict`'s layout (2: stm-lite's memory values are stored
+    #: projected, 129 channels instead of 256, so version-1 memories cannot be read on)
+    STATE_VERSION = 2
+
+    def state_dict(self) -> dict[str, Any]:
+        """The session's memory and bookkeeping as tensors, numbers and strings only.
+
+        Loadable with ``torch.load(..., weights_only=True)``; the model and configuration are
+        not part of it. The frame waiting to enter memory is written first.
+        """
+        with torch.inference_mode():
+            self._flush_pending()
+        geo = self.geo
+        return {
+            "version": self.STATE_VERSION,
+            "object_ids": list(self.object_ids),
+            "active": self.active.clone(),
+            "geo": None if geo is None else [list(geo.size), list(geo.inner), list(geo.pad)],
+            "steps": self.steps,
+            "last_t": self._last_t,
+            "referenced": self._referenced,
+            "intensity": None
+            if self._intensity is None
+            else [torch.from_numpy(np.array(a)) for a in self._intensity],
+            "sources": [[t, img.cpu(), p.cpu()] for t, (img, p) in self._sources.items()],
+            "bank": self.bank.state_dict(),
+            "motion": self.motion.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict` (on this tracker's device)."""
+        if state.get("version") != self.STATE_VERSION:
+            raise InputError(
+                f"tracker state version {state.get('version')!r}, expected {self.STATE_VERSION}"
+            )
+        self.object_ids = [int(i) for i in state["object_ids"]]
+        self.active = state["active"].bool().cpu()
+        geo = state["geo"]
+        self.geo = None if geo is None else Geometry(*(tuple(int(v) for v in g) for g in geo))
+        self.steps = int(state["steps"])
+        self._last_t = None if state["last_t"] is None else int(state["last_t"])
+        self._referenced = bool(state["referenced"])
+        intensity = state["intensity"]
+        self._intensity = None if intensity is None else tuple(a.numpy() for a in intensity)
+        self._sources = {
+            int(t): (img.to(self.device), p.to(self.device)) for t, img, p in state["sources"]
+        }
+        self._pending = None
+        self.bank.load_state_dict(state["bank"], self.device)
+        self.motion = MotionEstimate()
+        if "motion" in state:  # absent from states saved before the motion prior
+            self.motion.load_state_dict(state["motion"])
+
+    # -- introspection ------------------------------------------------------------------------
+    @property
+    def memory_frames(self) -> int:
+        # A pending frame takes the place of the previous-frame entry when it is written.
+        replaces = "previous" in self.bank.kinds()
+        return len(self.bank) + (self._pending is not None and not replaces)
+
+    @property
+    def memory_nbytes(self) -> int:
+        """Bytes held between steps: the memory bank, the frames kept to re-encode it, and the
+        frame waiting to enter memory (its image, masks and query features)."""
+        held = [t for pair in self._sources.values() for t in pair]
+        if self._pending is not None:
+            _, image, probs, query, _ = self._pending
+            held += [image, probs]
+            if query is not None:
+                held += [query.key, query.value, *query.skips, *query.extra.values()]
+        return self.bank.nbytes + sum(t.element_size() * t.numel() for t in held if t is not None)
+
+    @property
+    def top_k(self) -> int | None:
+        return self.policy.top_k
+
+    @property
+    def motion_sigma(self) -> float | None:
+        """Spread per frame of the read's motion prior (None: no prior)."""
+        if self.policy.measures_motion:
+            return self.motion.sigma
+        return self.policy.fixed_motion_sigma
+
+    # -- streaming API ------------------------------------------------------------------------
+    def step(self, frame: Any, labels: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """Segment ``frame`` (H x W or H x W x C), or memorise it with ``labels`` as reference.
+
+        Returns (labels H x W uint8, probs float32 [N+1, H, W]).
+        """
+        reader = FrameReader([frame], self.config.normalize, self._intensity)
+        if reader.needs_range:
+            self._intensity = reader.intensity_range
+        if self.geo is None:
+            self.geo = working_geometry(reader.size, self.model, self.config)
+        elif reader.size != self.geo.size:
+            raise InputError(
+                f"image size changed inside a session: {reader.size[1]}x{reader.size[0]}, "
+                f"the session started with {self.geo.size[1]}x{self.geo.size[0]}"
+            )
+        t = 0 if self._last_t is None else self._last_t + 1
+        with torch.inference_mode():
+            image = reader.tensor(0, self.geo, self.device)
+            if labels is not None:
+                lab = check_labels(labels, self.geo.size, f"frame {t}")
+                self.add_reference(t, image, lab)
+                result = self.reference_result(t, lab)
+            else:
+                if not self._referenced:
+                    raise InputError("no reference yet: the first frame needs a mask")
+                out = self.segment(t, image)
+                self.remember(t, image, out.probs, out.query)
+                result = self.result(t, out.probs)
+        return result.labels, result.probs
+
+    # -- engine API ---------------------------------------------------------------------------
+    def ensure_objects(self, ids: list[int]) -> None:
+        """Add object ids; memory written before is re-encoded with the new objects absent."""
+        new = sorted(set(ids) - set(self.object_ids))
+        if not new:
+            return
+        old_ids = self.object_ids
+        self.object_ids = sorted(set(old_ids) | set(new))
+        index = [self.object_ids.index(i) for i in old_ids]
+        active = torch.zeros(len(self.object_ids), dtype=torch.bool)
+        active[index] = self.active
+        self.active = active
+
+        def widen(probs: Tensor) -> Tensor:
+            out = probs.new_zeros((len(self.object_ids), *probs.shape[1:]))
+            out[index] = probs
+            return out
+
+        sources = {t: (img, widen(p)) for t, (img, p) in self._sources.items()}
+        if self._pending is not None:
+            t, img, p, _, keep = self._pending
+            self._pending = (t, img, widen(p), None, keep)
+        if not self._keep_sources:
+            if len(self.bank):
+                raise RuntimeError("this tracker keeps no sources: pass every object id up front")
+            return
+        # Re-added oldest first, so the working memory still forgets in the order it learnt.
+        slots = sorted(self.bank.slots, key=lambda s: s.seq)
+        self.bank.clear()
+        self._sources = {}
+        for s in slots:
+            img, p = sources[s.t]
+            self._store(s.t, img, p, self._encode(img, p), s.kind)
+
+    def add_reference(
+        self, t: int, image: Tensor, labels: np.ndarray, entry: MemoryEntry | None = None
+    ) -> None:
+        """Memorise frame ``t`` with a person's labels as permanent memory."""
+        ids = [int(i) for i in np.unique(labels) if i != 0]
+        known = {i for i, on in zip(self.object_ids, self.active.tolist(), strict=True) if on}
+        if set(ids) - known:
+            # Frames memorised before an object was tracked hold it as background, also where
+            # it was already visible; read beside its first mask they would contradict it.
+            # Only references, which a person drew in full, stay.
+            self.bank.discard(("working", "previous", "permanent"))
+        self.ensure_objects(ids)
+        self._pending = None
+        self._visit(t)
+        self._referenced = True
+        if not self.object_ids:
+            return  # no object drawn yet: nothing to memorise
+        lab = torch.from_numpy(labels).to(self.device)
+        probs = from_labels(lab, self.object_ids, self.geo)
+        if self.policy.measures_motion:
+            self.motion.observe(t, probs)
+        if entry is None:
+            entry = self._encode(image, probs)
+        self._store(t, image, probs, entry, "reference")
+        self.active |= torch.tensor([i in ids for i in self.object_ids], dtype=torch.bool)
+
+    def preload_reference(self, t: int, image: Tensor, probs: Tensor, entry: MemoryEntry) -> None:
+        """A reference the pass has not reached yet: in memory, but its objects not yet active."""
+        self._store(t, image, probs, entry, "reference")
+
+    def segment(self, t: int, image: Tensor) -> StepOutput:
+        """Frame ``t`` from the memory: its probabilities ``probs`` [N+1, Hp, Wp] at padded
+        network size, its query features and the read they came from."""
+        self._flush_pending()
+        self._visit(t)
+        n = len(self.object_ids)
+        if n == 0:
+            # Nothing to track (references without objects): every pixel is background.
+            probs = image.new_ones((1, *image.shape[-2:]))
+            none = image[:, :0]
+            return StepOutput(probs.log(), probs, QueryFeatures(key=none), Read(none, none))
+        out = step(
+            self.runtime,
+            image,
+            lambda query: self._read(t, query),
+            active=self.active,
+            extra_slots=self.policy.extra_slots(n),
+            precision=self.runtime.precision,
+        )
+        if self.policy.measures_motion:
+            # After aggregation: one object's own map also lights up every look-alike, and its
+            # centre then jumps to their mean (measured 0.15 of the frame on ctc-sim-01's nuclei).
+            self.motion.observe(t, out.probs[1:])
+        return out
+
+    def remember(
+        self, t: int, image: Tensor, probs: Tensor, query: QueryFeatures | None = None
+    ) -> None:
+        """Offer segmented frame ``t`` to the memory (written lazily, before the next read)."""
+        if not self.object_ids:
+            return
+        keep = self.policy.keep(self.steps - 1, probs)
+        self._pending = (t, image, self.policy.memorised(probs, self.geo), query, keep)
+
+    def result(self, t: int, probs: Tensor) -> FrameResult:
+        assert self.geo is not None
+        full = from_network(probs[None], self.geo)[0]
+        # max(0).indices, not argmax(0): the same first-maximum index, but argmax over a short
+        # leading dimension took 80 ms of a 480p frame on CPU, max 7 ms.
+        cls = full.max(0).indices.to(torch.uint8).cpu().numpy()
+        lut = np.array([0, *self.object_ids], dtype=np.uint8)
+        # Held off the accelerator: a caller keeping every result must not fill GPU memory.
+        return FrameResult(t, lut[cls], False, probs.cpu(), self.geo)
+
+    def reference_result(self, t: int, labels: np.ndarray) -> FrameResult:
+        lab = torch.from_numpy(labels)
+        probs = torch.cat([(lab == 0)[None].float(), one_hot(lab, self.object_ids)])
+        return FrameResult(t, labels.copy(), True, probs.numpy())
+
+    # -- internals ----------------------------------------------------------------------------
+    def _visit(self, t: int) -> None:
+        self.steps += 1
+        self._last_t = t
+
+    def _read(self, t: int, query: QueryFeatures) -> Read:
+        keys, values = self.bank.tensors(t)
+        times = self.bank.times(t)
+        return Read(keys, values, self.policy.top_k, self._motion_prior(t, times, query), times)
+
+    def _motion_prior(self, t: int, times: list[int], query: QueryFeatures) -> MotionPrior | None:
+        sigma = self.motion_sigma
+        if sigma is None:
+            return None
+        grid = query.key.shape[-2:]
+        gaps = torch.tensor([abs(t - s) for s in times], device=query.key.device)
+        return motion_prior(gaps, (grid[0], grid[1]), sigma)
+
+    def _encode(self, image: Tensor, obj_probs: Tensor) -> MemoryEntry:
+        with self.runtime.precision():
+            return self.runtime.encode_memory(image, obj_probs)
+
+    def _store(self, t: int, image: Tensor, probs: Tensor, entry: MemoryEntry, kind: str) -> None:
+        self.bank.add(t, entry, kind)  # type: ignore[arg-type]
+        self._keep_source(t, image, probs)
+
+    def _keep_source(self, t: int, image: Tensor, probs: Tensor) -> None:
+        if self._keep_sources:
+            self._sources[t] = (image, probs)
+        live = set(self.bank.frames())
+        for old in [s for s in self._sources if s not in live]:
+            del self._sources[old]
+
+    def _flush_pending(self) -> None:
+        if self._pending is None:
+            return
+        t, image, probs, query, keep = self._pending
+        self._pending = None
+        with self.runtime.precision():
+            entry = self.runtime.encode_memory(image, probs, query)
+        self.bank.add(t, entry, "previous")
+        if keep:
+            self.bank.promote_previous(self.policy.kept_kind)
+        self._keep_source(t, image, probs)
