@@ -14,6 +14,7 @@ from napari_stm.bench import COLUMNS, Case, SyntheticVideo, measure, schedule
 from napari_stm.cli import main
 from napari_stm.core.engine import PropagationConfig, Propagator
 from napari_stm.core.errors import InputError
+from napari_stm.core.runtime import prepare
 from napari_stm.synthetic import make_clip
 
 T, H, W = 14, 64, 96
@@ -240,7 +241,9 @@ def test_compiled_network_runs_and_matches(clip):
     model = TinyMatch()
     eager = propagate(model, video, {0: gt[0]}, 0)
     compiled = propagate(model, video, {0: gt[0]}, 0, compile=True)
-    assert hasattr(model, "_napari_stm_compiled")  # kept for the next video
+    # Prepared (and compiled) once, kept for the next video.
+    kept = prepare(model, PropagationConfig(device="cpu", compile=True))
+    assert kept.compiled and kept is prepare(model, PropagationConfig(device="cpu", compile=True))
     for a, b in zip(eager, compiled, strict=True):
         np.testing.assert_allclose(a.probs, b.probs, atol=1e-4)
         assert (a.labels != b.labels).mean() < 1e-3

@@ -58,6 +58,7 @@ class Runtime:
         self.model = model
         self.device = device
         self.channels_last = channels_last
+        self.compiled = compile
         self.amp = amp
         if channels_last:
             # The weights keep their values, only their layout changes (once per model).
