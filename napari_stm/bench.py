@@ -117,7 +117,10 @@ class SyntheticVideo:
         bg += rng.normal(0, 12, (height, width, 3))
         self.background = bg.clip(0, 255).astype(np.uint8)
         side = min(height, width)
-        self.radius = np.maximum(4.0, side * rng.uniform(0.08, 0.14, (n_objects, 2)))
+        # Past 30 objects they shrink (area per object ~ 1/n), so that all of them show on the
+        # first frame; up to 30, sizes are those of earlier measurements.
+        shrink = min(1.0, (30 / n_objects) ** 0.5)
+        self.radius = np.maximum(4.0, side * shrink * rng.uniform(0.08, 0.14, (n_objects, 2)))
         reach = self.radius.max(1)
         # Paths: independent sines in y and x (never leaving the frame, whatever t).
         self.centre = np.stack(

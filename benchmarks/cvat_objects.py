@@ -1,0 +1,99 @@
+"""Many objects through the CVAT tracker: time per frame for K shapes in one request.
+
+    python benchmarks/cvat_objects.py --objects 1 10 30 100 --frames 4
+
+CVAT keeps one state per shape, so the function runs one tracker per object; a request with K
+states steps K trackers on one frame. The frames are ``napari-stm bench``'s synthetic 480p
+video (textured ellipses); the first frame starts K sessions from the ground truth masks,
+the next ``--frames`` are continue calls, timed (median). ``--shared`` on/off compares one
+query encoding per request (what the handler does) with one per tracker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--objects", nargs="+", type=int, default=[1, 10, 30, 100])
+    parser.add_argument("--frames", type=int, default=4, help="continue calls timed")
+    parser.add_argument("--resolution", default="480p")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--shared", choices=["on", "off", "both"], default="both")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+
+    import torch
+    from cvat_sdk.masks import encode_mask
+
+    from cvat_function.limits import Limits
+    from cvat_function.nuclio.model_handler import ModelHandler
+    from cvat_function.sessions import MemorySessionStore
+    from napari_stm.bench import SyntheticVideo, parse_resolution
+    from napari_stm.core.engine import PropagationConfig
+    from napari_stm.core.weights import default_model_name, load_model
+
+    torch.set_num_threads(args.threads)
+    name = args.model or default_model_name()
+    model = load_model(name, device="cpu")
+    _, height, width = parse_resolution(args.resolution)
+    modes = {"on": [True], "off": [False], "both": [True, False]}[args.shared]
+    print(
+        f"model {name}, {args.resolution} ({width}x{height}), {args.threads} thread(s), "
+        f"median of {args.frames} continue calls"
+    )
+    print("| objects | shared query | ms per frame | ms per object | x one object |")
+    print("|---|---|---|---|---|")
+    base: dict[bool, float] = {}
+    for k in args.objects:
+        video = SyntheticVideo(args.frames + 1, height, width, k, args.seed)
+        labels = video.labels(0)
+        shapes = [{"type": "mask", "points": encode_mask(labels == i)} for i in range(1, k + 1)]
+        images = [_b64(video[t]) for t in range(args.frames + 1)]
+        for shared in modes:
+            handler = ModelHandler(
+                model,
+                PropagationConfig(),
+                MemorySessionStore(max_sessions=4 * k, max_bytes=1 << 40),
+                limits=Limits(max_objects=max(128, k)),
+            )
+            handler.share_query = shared
+            status, reply = handler.handle({"image": images[0], "shapes": shapes})
+            assert status == 200, reply
+            states, times = reply["states"], []
+            for t in range(1, args.frames + 1):
+                body = json.dumps({"image": images[t], "shapes": [None] * k, "states": states})
+                t0 = time.perf_counter()
+                status, reply = handler.handle(body.encode())
+                times.append(time.perf_counter() - t0)
+                assert status == 200, reply
+                states = reply["states"]
+            ms = 1000 * float(np.median(times))
+            base.setdefault(shared, ms)  # the first (smallest) object count
+            ratio = ms / base[shared]
+            print(
+                f"| {k} | {'yes' if shared else 'no'} | {ms:.0f} | {ms / k:.1f} | {ratio:.1f} |",
+                flush=True,
+            )
+
+
+def _b64(frame: np.ndarray) -> str:
+    import base64
+    import io
+
+    import PIL.Image
+
+    buf = io.BytesIO()
+    PIL.Image.fromarray(frame).save(buf, format="JPEG", quality=95)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
