@@ -29,7 +29,7 @@ from cvat_sdk.auto_annotation import (
 
 from cvat_function import tracking
 from cvat_function.shapes import TRACKER_TYPES
-from napari_stm.core.engine import PropagationConfig, Tracker
+from napari_stm.core.engine import PropagationConfig, SharedFrame, Tracker
 from napari_stm.core.model import VOSNetwork
 
 
@@ -52,20 +52,23 @@ class StmTrackingFunction:
 
     def preprocess_image(
         self, context: TrackingFunctionContext, image: PIL.Image.Image
-    ) -> np.ndarray:
-        return np.asarray(image.convert("RGB"))
+    ) -> SharedFrame:
+        # Once per frame for every shape the agent tracks on it: the RGB array here, the
+        # network input and query features by the first tracker that steps it.
+        return SharedFrame(np.asarray(image.convert("RGB")))
 
     def init_tracking_state(
-        self, context: TrackingFunctionShapeContext, pp_image: np.ndarray, shape: TrackableShape
+        self, context: TrackingFunctionShapeContext, pp_image: SharedFrame, shape: TrackableShape
     ) -> TrackingState:
+        rgb = pp_image.frame
         # ShapeError (a ValueError) tells the agent the request was bad.
-        mask = tracking.reference_mask(shape.type, list(shape.points), pp_image.shape[:2])
-        mask = tracking.object_mask(pp_image, shape.type, mask)
+        mask = tracking.reference_mask(shape.type, list(shape.points), rgb.shape[:2])
+        mask = tracking.object_mask(rgb, shape.type, mask)
         tracker = tracking.start(self.model, self.config, pp_image, mask)
         return TrackingState(tracker, shape.type)
 
     def track(
-        self, context: TrackingFunctionShapeContext, pp_image: np.ndarray, state: TrackingState
+        self, context: TrackingFunctionShapeContext, pp_image: SharedFrame, state: TrackingState
     ) -> TrackableShape | None:
         (mask,) = tracking.follow([state.tracker], pp_image)
         shape = tracking.shape_out(state.shape_type, mask)
@@ -99,17 +102,17 @@ def _function() -> StmTrackingFunction:
 spec = StmTrackingFunction.spec
 
 
-def preprocess_image(context: TrackingFunctionContext, image: PIL.Image.Image) -> np.ndarray:
+def preprocess_image(context: TrackingFunctionContext, image: PIL.Image.Image) -> SharedFrame:
     return _function().preprocess_image(context, image)
 
 
 def init_tracking_state(
-    context: TrackingFunctionShapeContext, pp_image: np.ndarray, shape: TrackableShape
+    context: TrackingFunctionShapeContext, pp_image: SharedFrame, shape: TrackableShape
 ) -> Any:
     return _function().init_tracking_state(context, pp_image, shape)
 
 
 def track(
-    context: TrackingFunctionShapeContext, pp_image: np.ndarray, state: Any
+    context: TrackingFunctionShapeContext, pp_image: SharedFrame, state: Any
 ) -> TrackableShape | None:
     return _function().track(context, pp_image, state)

@@ -27,7 +27,7 @@ from cvat_function.shapes import (
     mask_from_shape,
     shape_points,
 )
-from napari_stm.core.engine import PropagationConfig, Tracker
+from napari_stm.core.engine import PropagationConfig, SharedFrame, Tracker
 from napari_stm.core.model import VOSNetwork
 
 #: object id of the one object a tracker follows
@@ -103,22 +103,30 @@ def object_mask(image: np.ndarray, shape_type: str, mask: np.ndarray) -> np.ndar
 
 
 def start(
-    model: VOSNetwork, config: PropagationConfig, image: np.ndarray, mask: np.ndarray
+    model: VOSNetwork, config: PropagationConfig, frame: np.ndarray | SharedFrame, mask: np.ndarray
 ) -> Tracker:
-    """A tracker holding ``mask`` on ``image`` as its reference."""
+    """A tracker holding ``mask`` on ``frame`` as its reference."""
     tracker = new_tracker(model, config)
-    remember(tracker, image, mask)
+    remember(tracker, frame, mask)
     return tracker
 
 
-def remember(tracker: Tracker, image: np.ndarray, mask: np.ndarray) -> None:
-    """Add ``mask`` on ``image`` to the tracker's memory (a start or a correction)."""
-    tracker.step(image, mask.astype(np.uint8) * OBJECT_ID)
+def remember(tracker: Tracker, frame: np.ndarray | SharedFrame, mask: np.ndarray) -> None:
+    """Add ``mask`` on ``frame`` to the tracker's memory (a start or a correction)."""
+    tracker.step(frame, mask.astype(np.uint8) * OBJECT_ID)
 
 
-def follow(trackers: Sequence[Tracker], image: np.ndarray) -> list[np.ndarray]:
-    """Each tracker's object on ``image`` (bool masks, in order)."""
-    return [tracker.step(image)[0] == OBJECT_ID for tracker in trackers]
+def follow(
+    trackers: Sequence[Tracker], frame: np.ndarray | SharedFrame, share: bool = True
+) -> list[np.ndarray]:
+    """Each tracker's object on ``frame`` (bool masks, in order). With ``share`` the frame is
+    encoded once for all of them (:class:`~napari_stm.core.engine.SharedFrame`), as CVAT's
+    SAM2 agent function computes image features once per frame in ``preprocess_image``."""
+    if share and not isinstance(frame, SharedFrame):
+        frame = SharedFrame(frame)
+    if not share and isinstance(frame, SharedFrame):
+        frame = frame.frame
+    return [tracker.step(frame)[0] == OBJECT_ID for tracker in trackers]
 
 
 def shape_out(shape_type: str, mask: np.ndarray) -> dict | None:

@@ -54,7 +54,7 @@ from cvat_function.sessions import (
     make_store,
 )
 from cvat_function.shapes import TRACKER_TYPES, ShapeError, ShapeTooLarge
-from napari_stm.core.engine import PropagationConfig
+from napari_stm.core.engine import PropagationConfig, SharedFrame
 from napari_stm.core.errors import InputError
 from napari_stm.core.model import VOSNetwork
 
@@ -118,6 +118,9 @@ class ModelHandler:
         self.store = store if store is not None else make_store(StoreSettings(), model, self.config)
         self.logger = logger or logging.getLogger(__name__)
         self.limits = limits or Limits()
+        #: encode each frame once for all of a request's objects (off: once per object, as
+        #: before; kept for benchmarks/cvat_objects.py's comparison)
+        self.share_query = True
 
     @classmethod
     def from_env(cls, logger: Any = None) -> ModelHandler:
@@ -267,6 +270,8 @@ class ModelHandler:
     # -- pass 3: the engine -------------------------------------------------------------------
     def _run(self, ops: list[_Op], image: np.ndarray) -> dict:
         group = secrets.token_hex(8)
+        # One conversion and query encoding of the frame for all the request's trackers.
+        frame = SharedFrame(image)
         created: list[str] = []
         saved: list[str] = []
         shapes: list[dict | list | None] = [None] * len(ops)
@@ -277,7 +282,7 @@ class ModelHandler:
                 assert op.mask is not None
                 mask = _engine(tracking.object_mask, image, op.shape_type, op.mask)
                 if op.kind == "start":
-                    tracker = _engine(tracking.start, self.model, self.config, image, mask)
+                    tracker = _engine(tracking.start, self.model, self.config, frame, mask)
                     op.session = Session(
                         tracker, op.shape_type, tuple(image.shape[:2]), group, bare=op.bare
                     )
@@ -285,11 +290,11 @@ class ModelHandler:
                     created.append(op.session_id)
                 else:
                     assert op.session is not None
-                    _engine(tracking.remember, op.session.tracker, image, mask)
+                    _engine(tracking.remember, op.session.tracker, frame, mask)
                 shapes[i] = op.shape
             followed = [i for i, op in enumerate(ops) if op.kind == "track"]
             trackers = [ops[i].session.tracker for i in followed]
-            masks = _engine(tracking.follow, trackers, image)
+            masks = _engine(tracking.follow, trackers, frame, self.share_query)
             for i, mask in zip(followed, masks, strict=True):
                 shape = tracking.shape_out(ops[i].shape_type, mask)
                 shapes[i] = shape["points"] if shape is not None and ops[i].bare else shape

@@ -18,7 +18,7 @@ from napari_stm.core.config import (
 from napari_stm.core.plan import Pass
 from napari_stm.core.policy import OFFICIAL_SLOTS, UNCERTAIN_BELOW, confidence
 from napari_stm.core.propagator import SPILL_BYTES, ProgressFn, Propagator
-from napari_stm.core.tracker import FrameResult, Tracker, from_labels, one_hot
+from napari_stm.core.tracker import FrameResult, SharedFrame, Tracker, from_labels, one_hot
 
 __all__ = [
     "OFFICIAL_SLOTS",
@@ -33,6 +33,7 @@ __all__ = [
     "PropagationConfig",
     "Propagator",
     "RuntimeConfig",
+    "SharedFrame",
     "Tracker",
     "confidence",
     "from_labels",

@@ -29,6 +29,28 @@ from napari_stm.core.runtime import half_precision, prepare
 from napari_stm.core.step import Read, StepOutput, step
 
 
+class SharedFrame:
+    """One frame that several trackers step (the objects of one CVAT request, each its own
+    tracker): its network input and query features are made by the first tracker that needs
+    them and reused by every tracker that sees the frame alike (same network runtime, geometry
+    and intensity range); the memory read and the decoding stay each tracker's own."""
+
+    def __init__(self, frame: Any) -> None:
+        self.frame = frame
+        self._made: dict[tuple, tuple[Tensor, QueryFeatures | None]] = {}
+        #: how many query encodings this frame saved
+        self.reused = 0
+
+    def get(self, key: tuple) -> tuple[Tensor | None, QueryFeatures | None]:
+        image, query = self._made.get(key, (None, None))
+        self.reused += query is not None
+        return image, query
+
+    def put(self, key: tuple, image: Tensor, query: QueryFeatures | None) -> None:
+        if query is not None or key not in self._made:
+            self._made[key] = (image, query)
+
+
 @dataclass
 class FrameResult:
     """One segmented frame. ``probs`` is computed on first access."""
@@ -200,9 +222,14 @@ class Tracker:
     def step(self, frame: Any, labels: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """Segment ``frame`` (H x W or H x W x C), or memorise it with ``labels`` as reference.
 
+        ``frame`` may be a :class:`SharedFrame`: trackers stepping the same one convert and
+        encode it once between them (results unchanged).
         Returns (labels H x W uint8, probs float32 [N+1, H, W]).
         """
-        reader = FrameReader([frame], self.config.normalize, self._intensity)
+        shared = frame if isinstance(frame, SharedFrame) else None
+        reader = FrameReader(
+            [frame.frame if shared else frame], self.config.normalize, self._intensity
+        )
         if reader.needs_range:
             self._intensity = reader.intensity_range
         if self.geo is None:
@@ -213,8 +240,11 @@ class Tracker:
                 f"the session started with {self.geo.size[1]}x{self.geo.size[0]}"
             )
         t = 0 if self._last_t is None else self._last_t + 1
+        key = self._frame_key()
+        image, query = shared.get(key) if shared else (None, None)
         with torch.inference_mode():
-            image = reader.tensor(0, self.geo, self.device)
+            if image is None:
+                image = reader.tensor(0, self.geo, self.device)
             if labels is not None:
                 lab = check_labels(labels, self.geo.size, f"frame {t}")
                 self.add_reference(t, image, lab)
@@ -222,10 +252,19 @@ class Tracker:
             else:
                 if not self._referenced:
                     raise InputError("no reference yet: the first frame needs a mask")
-                out = self.segment(t, image)
+                out = self.segment(t, image, query)
+                query = out.query
                 self.remember(t, image, out.probs, out.query)
                 result = self.result(t, out.probs)
+        if shared:
+            shared.put(key, image, query)
         return result.labels, result.probs
+
+    def _frame_key(self) -> tuple:
+        """What a frame's network input and query features depend on besides the frame."""
+        assert self.geo is not None
+        intensity = None if self._intensity is None else tuple(a.tobytes() for a in self._intensity)
+        return (id(self.runtime), str(self.device), self.config.normalize, self.geo, intensity)
 
     # -- engine API ---------------------------------------------------------------------------
     def ensure_objects(self, ids: list[int]) -> None:
@@ -291,9 +330,10 @@ class Tracker:
         """A reference the pass has not reached yet: in memory, but its objects not yet active."""
         self._store(t, image, probs, entry, "reference")
 
-    def segment(self, t: int, image: Tensor) -> StepOutput:
+    def segment(self, t: int, image: Tensor, query: QueryFeatures | None = None) -> StepOutput:
         """Frame ``t`` from the memory: its probabilities ``probs`` [N+1, Hp, Wp] at padded
-        network size, its query features and the read they came from."""
+        network size, its query features and the read they came from. ``query``: the frame's
+        query features when already computed (by another tracker on the same frame)."""
         self._flush_pending()
         self._visit(t)
         n = len(self.object_ids)
@@ -305,7 +345,8 @@ class Tracker:
         out = step(
             self.runtime,
             image,
-            lambda query: self._read(t, query),
+            lambda q: self._read(t, q),
+            query=query,
             active=self.active,
             extra_slots=self.policy.extra_slots(n),
             precision=self.runtime.precision,
