@@ -27,7 +27,9 @@ from napari_stm.core.frames import from_network
 VARIANTS = ("argmax", "baseline", "channels_last", "prefetch", "compile")
 
 
-def _argmax_result(self: Tracker, t: int, probs: torch.Tensor) -> FrameResult:
+def _argmax_result(
+    self: Tracker, t: int, probs: torch.Tensor, tracked: torch.Tensor | None = None
+) -> FrameResult:
     full = from_network(probs[None], self.geo)[0]
     cls = full.argmax(0).to(torch.uint8).cpu().numpy()
     lut = np.array([0, *self.object_ids], dtype=np.uint8)

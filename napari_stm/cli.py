@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--probs", default=None, help="also save probabilities to this .npz")
     p.add_argument("--overlay", default=None, help="also save a picture of masks over frames")
+    p.add_argument(
+        "--report",
+        default=None,
+        metavar="FILE.csv",
+        help="also write one row per frame and object: frame (0-based), object (id), "
+        "confidence (0..1, higher is surer), area (pixels), flag (reference, lost or empty)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_arguments(p)
@@ -148,7 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     from napari_stm import bench
 
-    bench.add_arguments(sub.add_parser("bench", help="time and memory per frame (synthetic)"))
+    bench_parser = sub.add_parser("bench", help="time and memory per frame (synthetic)")
+    bench.add_arguments(bench_parser)
+    from napari_stm import annotate
+
+    annotate.add_arguments(
+        bench_parser.add_subparsers(dest="bench_command", metavar="annotate").add_parser(
+            "annotate",
+            help="simulated annotator: what K corrections buy (mean J after each round)",
+        )
+    )
 
     cvat = sub.add_parser("cvat", help="CVAT tools")
     cvat_sub = cvat.add_subparsers(dest="cvat_command", required=True)
@@ -190,6 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from napari_stm.train import cli as train_cli
 
             return train_cli.run(args)
+        if args.command == "bench" and getattr(args, "bench_command", None) == "annotate":
+            from napari_stm import annotate
+
+            return annotate.run(args)
         if args.command == "bench":
             from napari_stm import bench
 
@@ -264,6 +284,7 @@ def propagate(args: argparse.Namespace) -> int:
         stop=args.stop,
         probs=args.probs,
         overlay=args.overlay,
+        report=args.report,
         overwrite=args.overwrite,
         quiet=args.quiet,
     )
@@ -290,6 +311,7 @@ def propagate_files(
     stop: int | None = None,
     probs: str | os.PathLike | None = None,
     overlay: str | os.PathLike | None = None,
+    report: str | os.PathLike | None = None,
     overwrite: bool = False,
     quiet: bool = False,
 ) -> int:
@@ -309,7 +331,7 @@ def propagate_files(
         raise InputError(f"no masks found in '{masks}'")
     out = Path(out)
     as_tiff = out.suffix.lower() in (".tif", ".tiff")
-    _check_outputs(frames, masks, out, as_tiff, probs, overlay, overwrite)
+    _check_outputs(frames, masks, out, as_tiff, probs, overlay, overwrite, report)
 
     prop = Propagator(load(), source, config)
     for t, labels in refs.items():
@@ -335,6 +357,7 @@ def propagate_files(
     )
     if prob_stack is not None:
         prob_stack[:] = 0
+    rows: list[tuple[int, int, float, int, str]] = []
     bar = tqdm(total=len(reached), unit="frame", disable=quiet, desc="propagating")
     tiff = _OrderedTiff(out, start, stop, reached, (h, w), overwrite) if as_tiff else None
     if not as_tiff:
@@ -349,6 +372,11 @@ def propagate_files(
                 prob_stack[res.t - start] = res.probs
             if res.t in shown:
                 kept[res.t] = res.labels
+            if report:
+                rows.extend(
+                    (res.t, i, c, res.area.get(i, 0), res.flags.get(i, ""))
+                    for i, c in res.confidence.items()
+                )
             bar.update(1)
         if tiff is not None:
             tiff.close()
@@ -358,6 +386,9 @@ def propagate_files(
         raise
     finally:
         bar.close()
+        if report:
+            # Also when interrupted: the rows of every frame written so far.
+            write_report(report, rows)
     if prob_stack is not None:
         prob_stack.flush()
         _save_probs(probs, prob_stack, ids, [source.stems[t] for t in range(start, stop)])
@@ -381,21 +412,46 @@ def _check_outputs(
     probs: str | os.PathLike | None,
     overlay: str | os.PathLike | None,
     overwrite: bool,
+    report: str | os.PathLike | None = None,
 ) -> None:
     # Never write over the user's inputs, and never over earlier results unless asked to.
     inputs = {Path(frames).resolve(), Path(masks).resolve()}
     if out.resolve() in inputs:
         raise InputError(f"--out '{out}' is one of the inputs; choose another folder")
+    if report and Path(report).resolve() in inputs:
+        raise InputError(f"--report '{report}' is one of the inputs; choose another file")
     if not overwrite:
         if as_tiff and out.exists():
             raise InputError(f"'{out}' exists; pass --overwrite to replace it")
         if not as_tiff and out.is_dir() and any(out.iterdir()):
             raise InputError(f"output folder '{out}' is not empty; pass --overwrite to reuse it")
-        for extra in (probs, overlay):
+        for extra in (probs, overlay, report):
             if extra and Path(extra).exists():
                 raise InputError(f"'{extra}' exists; pass --overwrite to replace it")
     if out.exists() and not as_tiff and not out.is_dir():
         raise InputError(f"--out '{out}' is a file; give a folder or a .tif path")
+
+
+REPORT_COLUMNS = ("frame", "object", "confidence", "area", "flag")
+
+
+def write_report(path: str | os.PathLike, rows: list[tuple[int, int, float, int, str]]) -> Path:
+    """The ``--report`` CSV: one row per frame and object, in frame then object order."""
+    import csv
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.part")
+    try:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(REPORT_COLUMNS)
+            for t, obj, conf, area, flag in sorted(rows, key=lambda r: (r[0], r[1])):
+                writer.writerow((t, obj, f"{conf:.4f}", area, flag))
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def _temp_npy(path: str | os.PathLike) -> Path:

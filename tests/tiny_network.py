@@ -51,6 +51,9 @@ class TinyMatch(VOSNetwork):
         values = F.avg_pool2d(masks[:, None].to(key.dtype), STRIDE)
         return MemoryEntry(keys=key, values=values)
 
+    def read_query(self, query: QueryFeatures) -> tuple[Tensor, float | None]:
+        return query.key.flatten(2), self.scale
+
     def segment(
         self,
         query: QueryFeatures,
@@ -60,8 +63,8 @@ class TinyMatch(VOSNetwork):
         prior: MotionPrior | None = None,
     ) -> Tensor:
         h, w = query.key.shape[-2:]
-        key = query.key.flatten(2)
-        read = memory_read(mem_keys, mem_values, key, top_k, self.scale, prior)
+        key, scale = self.read_query(query)
+        read = memory_read(mem_keys, mem_values, key, top_k, scale, prior)
         probs = F.interpolate(read.reshape(-1, 1, h, w), scale_factor=STRIDE, mode="bilinear")
         return probs.squeeze(1).clamp(0.0, 1.0)
 

@@ -15,6 +15,7 @@ from napari_stm.core.config import (
     PropagationConfig,
     RuntimeConfig,
 )
+from napari_stm.core.explain import Explanation
 from napari_stm.core.plan import Pass
 from napari_stm.core.policy import OFFICIAL_SLOTS, UNCERTAIN_BELOW, confidence
 from napari_stm.core.propagator import SPILL_BYTES, ProgressFn, Propagator
@@ -26,6 +27,7 @@ __all__ = [
     "UNCERTAIN_BELOW",
     "AlgorithmConfig",
     "Direction",
+    "Explanation",
     "FrameResult",
     "MemoryMode",
     "Pass",

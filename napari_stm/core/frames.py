@@ -80,6 +80,12 @@ def from_network(x: Tensor, geo: Geometry) -> Tensor:
     return x
 
 
+def crop_padding(x: Tensor, geo: Geometry) -> Tensor:
+    """[..., Hp, Wp] at network size -> the frame's part, without padding (not resized)."""
+    left, right, top, bottom = geo.pad
+    return x[..., top : x.shape[-2] - bottom, left : x.shape[-1] - right]
+
+
 def clear_padding(x: Tensor, geo: Geometry) -> Tensor:
     """``x`` [..., Hp, Wp] at network size with zeros in the padding around the frame.
 

@@ -86,6 +86,9 @@ class Lite0Match(VOSNetwork):
             )
         return MemoryEntry(keys=key, values=values)
 
+    def read_query(self, query: QueryFeatures) -> tuple[Tensor, float | None]:
+        return query.key.flatten(2), self.scale
+
     def segment(
         self,
         query: QueryFeatures,
@@ -97,7 +100,8 @@ class Lite0Match(VOSNetwork):
         key = query.key
         h, w = key.shape[-2:]
         n, cv = mem_values.shape[:2]
-        read = memory_read(mem_keys, mem_values, key.flatten(2), top_k, self.scale, prior)
+        reader, scale = self.read_query(query)
+        read = memory_read(mem_keys, mem_values, reader, top_k, scale, prior)
         probs = F.pixel_shuffle(read.reshape(n, cv, h, w), STRIDE // VALUE_STRIDE)
         probs = F.interpolate(
             probs, scale_factor=VALUE_STRIDE, mode="bilinear", align_corners=False

@@ -89,6 +89,11 @@ class VOSNetwork(nn.Module):
         """
         raise NotImplementedError
 
+    def read_query(self, query: QueryFeatures) -> tuple[Tensor, float | None]:
+        """The query key [1, Ck, h*w] and scale its memory read uses (None: 1 / sqrt(Ck)), for
+        the where-from view (:func:`napari_stm.core.readout.read_weights`)."""
+        return query.key.flatten(2), None
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device

@@ -3,7 +3,10 @@
 A pass is one tracker walking frames in order from a reference. ``forward`` is one pass from the
 first reference to the end of the range, ``backward`` one pass from the last reference back to
 its start; ``both`` walks outwards from the outer references and, between two references, first
-backwards (its probabilities stored) and then forwards, blending the two sides.
+backwards (its probabilities stored) and then forwards, taking each object from the surer side.
+A pass reads only the references among its own frames and at the ends of its stretch
+(:attr:`Pass.reads`), so in ``both`` a reference changes exactly the frames between the
+references either side of it (:func:`affected`).
 Ranges are ``[start, stop)``: ``stop`` is the frame after the last.
 """
 
@@ -29,6 +32,14 @@ class Pass:
     span: tuple[int, int] = (0, 0)
     #: frames of the pass computed but not yielded (the first, when an earlier pass yielded it)
     emit_from: int = 0
+
+    @property
+    def reads(self) -> set[int]:
+        """The frames whose references this pass reads: its own and its stretch's ends. A far
+        reference is never read: among look-alike objects (cells) a read across many frames
+        matches by appearance alone and mixes identities."""
+        ends = set(self.span) if self.mode != "plain" else set()
+        return set(self.frames) | ends
 
     @property
     def yields(self) -> list[int]:
@@ -91,3 +102,11 @@ def plan_passes(direction: Direction, refs: list[int], start: int, stop: int) ->
 def reach(plan: list[Pass]) -> set[int]:
     """Every frame the passes yield."""
     return {t for p in plan for t in p.yields}
+
+
+def affected(references: list[int], t: int, start: int, stop: int) -> tuple[int, int]:
+    """Frames ``[lo, hi)`` whose ``both`` result a reference on frame ``t`` changes: from the
+    reference before it (or ``start``) to the one after it (or ``stop``), both included."""
+    before = [r for r in references if start <= r < t]
+    after = [r for r in references if t < r < stop]
+    return (max(before) if before else start, min(after) + 1 if after else stop)

@@ -1,9 +1,10 @@
 """A video, the frames a person annotated, and propagation between them.
 
 The :class:`Propagator` asks the planner (core/plan.py) which passes a direction needs, runs one
-:class:`~napari_stm.core.tracker.Tracker` per pass with every reference in its memory, reads
-frames (ahead, when configured) and blends the two sides between two references. Progress and
-cancellation are per frame.
+:class:`~napari_stm.core.tracker.Tracker` per pass with the references that pass reads, reads
+frames (ahead, when configured) and, between two references, takes each object from the side
+that is surer of it. Progress and cancellation are per frame. Each computed frame leaves a small
+record of its read, from which :meth:`Propagator.explain` rebuilds where a pixel came from.
 """
 
 from __future__ import annotations
@@ -21,9 +22,20 @@ from torch import Tensor
 
 from napari_stm.core.config import Direction, PropagationConfig
 from napari_stm.core.errors import InputError
-from napari_stm.core.frames import FrameReader, check_labels
+from napari_stm.core.explain import (
+    Explanation,
+    ReadRecord,
+    grid_position,
+    heatmaps,
+    pack_labels,
+    unpack_masks,
+)
+from napari_stm.core.frames import FrameReader, check_labels, crop_padding
 from napari_stm.core.model import MemoryEntry, VOSNetwork
-from napari_stm.core.plan import Pass, check_range, plan_passes, reach
+from napari_stm.core.plan import Pass, affected, check_range, plan_passes, reach
+from napari_stm.core.policy import make_policy
+from napari_stm.core.quality import object_confidence
+from napari_stm.core.readout import motion_prior, read_weights
 from napari_stm.core.runtime import DirectReader, Prefetcher, frame_source, prepare
 from napari_stm.core.tracker import FrameResult, Tracker, from_labels, working_geometry
 
@@ -55,6 +67,13 @@ class Propagator:
         self._entries: dict[int, tuple[Tensor, Tensor, MemoryEntry]] = {}
         self._entry_ids: list[int] = []
         self._tracker: Tracker | None = None
+        # Per object confidence of the frames the backward side of a stretch computed.
+        self._stored_conf: dict[int, Tensor] = {}
+        # What each computed frame's read saw, by the pass that yielded it ("yield") and, for
+        # frames between two references, by the backward pass ("store").
+        self._reads: dict[str, dict[int, ReadRecord]] = {"yield": {}, "store": {}}
+        # Between two references: per object, 1 where the backward side was taken.
+        self._backward: dict[int, Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -88,6 +107,91 @@ class Propagator:
     def remove_reference(self, t: int) -> None:
         self.references.pop(t, None)
         self._entries.pop(t, None)
+
+    def affected(
+        self, t: int, start: int | None = None, stop: int | None = None
+    ) -> tuple[int, int]:
+        """Frames ``[lo, hi)`` of ``[start, stop)`` whose ``both`` result a reference on frame
+        ``t`` changes: from the reference before it to the one after it (both included, and
+        returned as given), or to the range's ends. Propagating ``("both", lo, hi)`` after a
+        correction on ``t`` gives what propagating everything would."""
+        start = 0 if start is None else int(start)
+        stop = len(self.reader) if stop is None else int(stop)
+        return affected(list(self.references), int(t), start, stop)
+
+    # -- where a pixel came from ----------------------------------------------------------------
+    @torch.inference_mode()
+    def explain(self, t: int, y: int, x: int) -> Explanation:
+        """Which memory frames, and where in them, the read of pixel (y, x) of frame ``t``
+        looked (see :mod:`napari_stm.core.explain`). The memory is rebuilt from what the pass
+        recorded, not stored: a few memory encodings and one query encoding."""
+        h, w = self.reader.size
+        if not 0 <= int(t) < len(self.reader):
+            raise InputError(f"frame {t} is outside the video (frames 0..{len(self.reader) - 1})")
+        if not (0 <= int(y) < h and 0 <= int(x) < w):
+            raise InputError(f"pixel ({y}, {x}) is outside the {w}x{h} frame")
+        t = int(t)
+        if t in self.references:
+            raise InputError(f"frame {t} is a reference: it was drawn, not read from memory")
+        kind = "yield"
+        record = self._reads[kind].get(t)
+        if record is None:
+            raise InputError(f"frame {t} has not been propagated yet")
+        n = len(self.object_ids)
+        self._encode_references()  # a reference added since the pass has no entry yet
+        image = self.reader.tensor(t, self.geo, self.device)
+        with self.runtime.precision():
+            query = self.runtime.encode_query(image)
+        grid = (int(query.key.shape[-2]), int(query.key.shape[-1]))
+        pos = grid_position(int(y), int(x), self.geo, grid)
+        # The object under the pixel, where the frame's labels put it at network size.
+        masks = unpack_masks(record, n, torch.device("cpu"))
+        ph, pw = record.shape
+        cy = (pos // grid[1]) * ph // grid[0] + ph // grid[0] // 2
+        cx = (pos % grid[1]) * pw // grid[1] + pw // grid[1] // 2
+        here = [k for k in range(n) if masks[k, min(ph - 1, cy), min(pw - 1, cx)] > 0]
+        obj = here[0] if here else None
+        back = self._backward.get(t)
+        if back is not None and obj is not None and float(back[obj]) > 0.5:
+            # This object came from the backward side of the stretch: explain that read.
+            kind = "store"
+            record = self._reads[kind][t]
+        keys = []
+        for m in record.memory:
+            if m in self._entries:
+                entry = self._entries[m][2]
+            else:
+                m_masks = unpack_masks(self._reads[kind][m], n, self.device)
+                m_image = self.reader.tensor(m, self.geo, self.device)
+                with self.runtime.precision():
+                    entry = self.runtime.encode_memory(m_image, m_masks)
+            keys.append(entry.keys.flatten(2).float())
+        mem_keys = torch.cat(keys, dim=-1)
+        reader, scale = self.model.read_query(query)
+        prior = None
+        if record.sigma:
+            gaps = torch.tensor([abs(t - m) for m in record.memory], device=mem_keys.device)
+            prior = motion_prior(gaps, grid, record.sigma)
+        top_k = make_policy(self.config, self.model).top_k
+        at = torch.tensor([pos], device=mem_keys.device)
+        weights = read_weights(mem_keys, reader, at, top_k, scale, prior)[:, 0]  # [Nk, M]
+        if weights.shape[0] > 1:  # one key set per object: the pixel's object's
+            weights = weights[obj] if obj is not None else weights.mean(0)
+        else:
+            weights = weights[0]
+        f = len(record.memory)
+        order = sorted(range(f), key=lambda i: record.memory[i])
+        per_frame = weights.reshape(f, -1)[order]
+        share = per_frame.sum(1).double()
+        return Explanation(
+            t,
+            int(y),
+            int(x),
+            [record.memory[i] for i in order],
+            (share / share.sum()).cpu().numpy(),
+            heatmaps(per_frame.flatten(), f, grid, self.geo),
+            None if obj is None else self.object_ids[obj],
+        )
 
     # -- running ------------------------------------------------------------------------------
     def reach(
@@ -187,8 +291,9 @@ class Propagator:
             self.model, self.config, self.object_ids, keep_sources=False, geometry=self.geo
         )
         self._tracker = tracker
+        reads = plan.reads
         for t, (image, probs, entry) in self._entries.items():
-            if t != plan.frames[0]:
+            if t != plan.frames[0] and t in reads:
                 tracker.preload_reference(t, image, probs, entry)
         lo = min(plan.frames)
         frames = self._reader([t for t in plan.frames if t not in self.references])
@@ -213,6 +318,10 @@ class Propagator:
         lo: int,
         cancel: threading.Event | None,
     ) -> Iterator[FrameResult]:
+        tracked = None
+        if plan.mode == "fused":
+            fwd, back = self._sides(plan.span)
+            tracked = fwd | back
         for t in plan.frames:
             if cancel is not None and cancel.is_set():
                 return
@@ -223,34 +332,54 @@ class Propagator:
                     yield tracker.reference_result(t, self.references[t])
                 continue
             image = frames.get(t)
+            sigma = tracker.motion_sigma  # the read's; the step then measures this frame
             out = tracker.segment(t, image)
             probs = out.probs
             if plan.mode == "store":
                 assert stored is not None
                 stored[t - lo] = (probs * 255).round().to(torch.uint8).cpu().numpy()
+                self._stored_conf[t] = object_confidence(crop_padding(probs, self.geo)).cpu()
             elif plan.mode == "fused":
                 assert stored is not None
                 probs = self._fuse(t, probs, stored, plan.span)
-            # The fused probabilities are the better guess, so they are what gets memorised.
+            else:
+                self._backward.pop(t, None)
+            kind = "store" if plan.mode == "store" else "yield"
+            self._reads[kind][t] = ReadRecord(out.read.times or [], sigma, *pack_labels(probs))
+            # What the forward side memorises is what it yields: per object the surer side's
+            # guess, never a blend of the two.
             tracker.remember(t, image, probs, out.query)
             if plan.mode != "store":
-                yield tracker.result(t, probs)
+                yield tracker.result(t, probs, tracked)
+
+    def _sides(self, span: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Which objects the forward (from a) and backward (from b) side of a stretch track:
+        an object drawn on only one of its references is unknown to the other side."""
+        ids = self.object_ids
+        a, b = span
+        return (
+            torch.tensor([i in self.references[a] for i in ids]),
+            torch.tensor([i in self.references[b] for i in ids]),
+        )
 
     def _fuse(self, t: int, forward: Tensor, stored: np.ndarray, span: tuple[int, int]) -> Tensor:
-        """Frame ``t`` between references ``span``: its forward probabilities blended with the
-        backward ones the store pass kept. Every fused frame goes through here."""
-        # Each side is trusted in proportion to its closeness.
+        """Frame ``t`` between references ``span``: each object from the side that is surer of
+        it (its confidence, :func:`~napari_stm.core.quality.object_confidence`; the nearer side
+        on a tie), merged as soft aggregation merges objects. Every fused frame goes through
+        here."""
         a, b = span
-        w_back = (t - a) / (b - a)
         backward = torch.from_numpy(np.asarray(stored[t - a - 1])).to(forward) / 255.0
-        w = torch.full((forward.shape[0], 1, 1), w_back, dtype=forward.dtype)
-        # An object drawn on only one of the two references is unknown to the other side (not
-        # absent): its probability comes from the side that tracks it.
-        ids = self.object_ids
-        fwd = torch.tensor([i in self.references[a] for i in ids])
-        back = torch.tensor([i in self.references[b] for i in ids])
-        w[1:][back & ~fwd] = 1.0
-        w[1:][fwd & ~back] = 0.0
-        w = w.to(forward.device)
-        fused = (1 - w) * forward + w * backward
+        c_fwd = object_confidence(crop_padding(forward, self.geo)).cpu()
+        c_back = self._stored_conf[t]
+        take = (c_back > c_fwd).float()
+        take[c_back == c_fwd] = float(t - a > b - t)
+        fwd, back = self._sides(span)
+        take[back & ~fwd] = 1.0
+        take[fwd & ~back] = 0.0
+        self._backward[t] = take.clone()
+        w = take.to(forward)[:, None, None]
+        obj = (1 - w) * forward[1:] + w * backward[1:]
+        # Objects taken from different sides may overlap: background and normalisation as the
+        # soft aggregation's (background = prod(1 - p_k)).
+        fused = torch.cat([torch.prod(1 - obj, dim=0, keepdim=True), obj])
         return fused / fused.sum(0, keepdim=True).clamp_min(1e-6)

@@ -132,6 +132,33 @@ def _read(
     return out.reshape(n, cv, p)
 
 
+def read_weights(
+    mem_keys: Tensor,
+    query_key: Tensor,
+    positions: Tensor,
+    top_k: int | None = None,
+    scale: float | None = None,
+    prior: MotionPrior | None = None,
+) -> Tensor:
+    """The weights with which query ``positions`` read each memory position: [Nk, len, M].
+
+    The same affinity, prior, top-k and softmax as :func:`memory_read`, for a few query
+    positions only (what the where-from view shows), so the [P, M] matrix is never built.
+    """
+    nk, ck, m = mem_keys.shape
+    if scale is None:
+        scale = 1.0 / math.sqrt(ck)
+    q = query_key.float().index_select(-1, positions)  # [1 or Nk, Ck, len]
+    aff = torch.matmul(q.transpose(1, 2), mem_keys.float()) * scale  # [Nk, len, M]
+    if prior is not None:
+        bias = torch.cat([prior.bias(int(p), int(p) + 1) for p in positions.tolist()])
+        aff = aff + bias
+    if top_k is not None and top_k < m:
+        kth = aff.topk(top_k, dim=-1).values[..., -1:]
+        aff = aff.masked_fill(aff < kth, float("-inf"))
+    return torch.softmax(aff, dim=-1)
+
+
 def motion_prior(
     gaps: Tensor, grid: tuple[int, int], sigma: float, cap: float = MOTION_CAP
 ) -> MotionPrior:

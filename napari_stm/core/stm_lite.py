@@ -294,11 +294,8 @@ class STMLite(VOSNetwork):
                 f"stm-lite memory keys are shared by all objects: expected [{b}, Ck, M] keys "
                 f"for values {tuple(mem_values.shape)}, got {tuple(mem_keys.shape)}"
             )
-        qk = query.key
-        h, w = qk.shape[-2:]
-        # The scale multiplies the query rather than going to memory_read as a float, so that
-        # training gets its gradient.
-        reader = (qk * self.affinity_scale.to(qk.dtype)).flatten(2)
+        h, w = query.key.shape[-2:]
+        reader, _ = self.read_query(query)
         read = torch.stack(
             [
                 memory_read(keys[i : i + 1], values[i], reader[i : i + 1], top_k, 1.0, prior)
@@ -318,6 +315,12 @@ class STMLite(VOSNetwork):
         if not logits:
             out = torch.sigmoid(out)
         return out if batched else out[0]
+
+    def read_query(self, query: QueryFeatures) -> tuple[Tensor, float | None]:
+        qk = query.key
+        # The scale multiplies the query rather than going to memory_read as a float, so that
+        # training gets its gradient.
+        return (qk * self.affinity_scale.to(qk.dtype)).flatten(2), 1.0
 
     def _check_image(self, image: Tensor) -> None:
         if image.dim() != 4 or image.shape[1] != 3:

@@ -19,11 +19,19 @@ from torch import Tensor
 
 from napari_stm.core.config import AlgorithmConfig, PropagationConfig
 from napari_stm.core.errors import InputError
-from napari_stm.core.frames import FrameReader, Geometry, check_labels, from_network, to_network
+from napari_stm.core.frames import (
+    FrameReader,
+    Geometry,
+    check_labels,
+    crop_padding,
+    from_network,
+    to_network,
+)
 from napari_stm.core.frames import geometry as make_geometry
 from napari_stm.core.model import MemoryEntry, QueryFeatures, VOSNetwork
 from napari_stm.core.motion import MotionEstimate
 from napari_stm.core.policy import make_policy
+from napari_stm.core.quality import FLAG_REFERENCE, LostWatch, label_areas, object_confidence
 from napari_stm.core.readout import MotionPrior, motion_prior
 from napari_stm.core.runtime import half_precision, prepare
 from napari_stm.core.step import Read, StepOutput, step
@@ -60,6 +68,15 @@ class FrameResult:
     is_reference: bool
     _probs: Tensor | np.ndarray = field(repr=False)
     _geo: Geometry | None = field(default=None, repr=False)
+    #: object id -> expected Jaccard index of its mask in [0, 1], higher is surer
+    #: (:func:`napari_stm.core.quality.object_confidence`), for the objects the pass tracks
+    #: on this frame
+    confidence: dict[int, float] = field(default_factory=dict)
+    #: object id -> "" | "lost" (area collapsed, :class:`~napari_stm.core.quality.LostWatch`)
+    #: | "reference" (a person drew this frame)
+    flags: dict[int, str] = field(default_factory=dict)
+    #: object id -> pixels of its label at the frame's full size
+    area: dict[int, int] = field(default_factory=dict)
 
     @property
     def probs(self) -> np.ndarray:
@@ -133,6 +150,7 @@ class Tracker:
         self._last_t: int | None = None
         self._referenced = False
         self.motion = MotionEstimate()
+        self.lost = LostWatch()
 
     # -- saving -------------------------------------------------------------------------------
     #: version of :meth:`state_dict`'s layout (2: stm-lite's memory values are stored
@@ -319,6 +337,7 @@ class Tracker:
             return  # no object drawn yet: nothing to memorise
         lab = torch.from_numpy(labels).to(self.device)
         probs = from_labels(lab, self.object_ids, self.geo)
+        self.lost.see_reference(label_areas(labels, self.object_ids))
         if self.policy.measures_motion:
             self.motion.observe(t, probs)
         if entry is None:
@@ -366,20 +385,38 @@ class Tracker:
         keep = self.policy.keep(self.steps - 1, probs)
         self._pending = (t, image, self.policy.memorised(probs, self.geo), query, keep)
 
-    def result(self, t: int, probs: Tensor) -> FrameResult:
+    def result(self, t: int, probs: Tensor, tracked: Tensor | None = None) -> FrameResult:
+        """Frame ``t``'s labels and probabilities, and the confidence, area and flag of the
+        objects ``tracked`` ([N] bool; default: those active in this pass)."""
         assert self.geo is not None
         full = from_network(probs[None], self.geo)[0]
         # max(0).indices, not argmax(0): the same first-maximum index, but argmax over a short
         # leading dimension took 80 ms of a 480p frame on CPU, max 7 ms.
         cls = full.max(0).indices.to(torch.uint8).cpu().numpy()
         lut = np.array([0, *self.object_ids], dtype=np.uint8)
+        labels = lut[cls]
+        on = (self.active if tracked is None else tracked).tolist()
+        conf = object_confidence(crop_padding(probs, self.geo)).tolist()
+        confidence = {i: c for i, c, o in zip(self.object_ids, conf, on, strict=True) if o}
+        area = label_areas(labels, list(confidence))
         # Held off the accelerator: a caller keeping every result must not fill GPU memory.
-        return FrameResult(t, lut[cls], False, probs.cpu(), self.geo)
+        return FrameResult(
+            t, labels, False, probs.cpu(), self.geo, confidence, self.lost.flags(area), area
+        )
 
     def reference_result(self, t: int, labels: np.ndarray) -> FrameResult:
         lab = torch.from_numpy(labels)
         probs = torch.cat([(lab == 0)[None].float(), one_hot(lab, self.object_ids)])
-        return FrameResult(t, labels.copy(), True, probs.numpy())
+        ids = self.object_ids
+        return FrameResult(
+            t,
+            labels.copy(),
+            True,
+            probs.numpy(),
+            confidence=dict.fromkeys(ids, 1.0),
+            flags=dict.fromkeys(ids, FLAG_REFERENCE),
+            area=label_areas(labels, ids),
+        )
 
     # -- internals ----------------------------------------------------------------------------
     def _visit(self, t: int) -> None:

@@ -1,0 +1,88 @@
+"""How sure the engine is of each object in each frame, and which objects look lost.
+
+Confidence of object k in a frame (``object_confidence``): the Jaccard index its mask would be
+expected to reach if the engine's probabilities were right. With M the pixels where k wins
+(its label) and p its probability after soft aggregation,
+
+    confidence = sum_{x in M} p(x) / (|M| + sum_{x not in M} p(x))
+
+i.e. the expected intersection of a mask drawn from p with M over their expected union. It is
+1 for a mask whose every pixel is certain and which leaves no probability outside, falls as the
+border blurs or probability spreads elsewhere (onto a look-alike, into the background), and is
+0 when the object has no pixel at all: the engine cannot vouch for a disappearance. It lies in
+[0, 1]; higher is surer. How well it ranks frames by their true J is measured, not assumed
+(``benchmarks/calibrate_confidence.py``, docs/architecture.md).
+
+Flags (``FLAG_*``): "reference" for an object of a frame a person annotated; "lost" when the
+object's area collapses against what the pass saw of it: below :data:`LOST_SHARE` of its area
+on the pass's reference or of its area on the frame before.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+#: an object whose area falls below this share of its reference's or the previous frame's
+#: is flagged lost
+LOST_SHARE = 0.25
+#: flags of :class:`~napari_stm.core.engine.FrameResult`
+FLAG_NONE = ""
+FLAG_LOST = "lost"
+FLAG_REFERENCE = "reference"
+
+
+def object_confidence(probs: Tensor) -> Tensor:
+    """Expected Jaccard index of each object's mask, [N] float32 in [0, 1].
+
+    ``probs`` [N+1, H, W]: background then objects (the soft-aggregated probabilities).
+    """
+    n1 = probs.shape[0]
+    top, cls = probs.float().max(0)
+    cls = cls.flatten()
+    # Inside its own mask an object's probability is the top one, so the intersection of every
+    # object is one weighted count of the labels.
+    inter = torch.bincount(cls, weights=top.flatten(), minlength=n1)[1:]
+    area = torch.bincount(cls, minlength=n1)[1:].to(inter.dtype)
+    outside = probs[1:].float().sum((1, 2)).to(inter.dtype) - inter
+    union = area + outside
+    conf = torch.where(area > 0, inter / union.clamp_min(1e-6), torch.zeros_like(inter))
+    return conf.clamp(0, 1).float()
+
+
+def label_areas(labels: np.ndarray, ids: list[int]) -> dict[int, int]:
+    """Pixels of each id in a label image (ids absent from it count 0)."""
+    flat = labels.ravel()
+    if flat.dtype.kind not in "iu":
+        raise TypeError(f"labels must be integers, not {flat.dtype}")
+    counts = np.bincount(flat.astype(np.int64, copy=False), minlength=max(ids, default=0) + 1)
+    return {i: int(counts[i]) for i in ids}
+
+
+class LostWatch:
+    """Flags objects whose area collapses within one pass.
+
+    An object is lost in a frame when its area is below :data:`LOST_SHARE` of its area on the
+    reference the pass started from, or of its area on the frame the pass segmented before. An
+    object the reference does not hold is never flagged by it (it is not tracked there).
+    """
+
+    def __init__(self, share: float = LOST_SHARE) -> None:
+        self.share = share
+        self.reference: dict[int, int] = {}
+        self.previous: dict[int, int] = {}
+
+    def see_reference(self, areas: dict[int, int]) -> None:
+        self.reference.update({i: a for i, a in areas.items() if a > 0})
+        self.previous = dict(areas)
+
+    def flags(self, areas: dict[int, int]) -> dict[int, str]:
+        out: dict[int, str] = {}
+        for i, a in areas.items():
+            before = max(self.reference.get(i, 0), self.previous.get(i, 0))
+            # max: a collapse against either the reference or the frame before counts; an
+            # object never seen with any area cannot collapse.
+            out[i] = FLAG_LOST if before > 0 and a < self.share * before else FLAG_NONE
+        self.previous = dict(areas)
+        return out

@@ -1,0 +1,235 @@
+"""The annotator's loop in the engine: per-object confidence, area and flags on every result,
+corrections that never make the frames they reach worse, the frames a correction reaches, and
+the where-from read of a pixel. Real propagation with the tiny matching network."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_network import TinyMatch, mean_iou
+
+from napari_stm.core.engine import PropagationConfig, Propagator, Tracker
+from napari_stm.core.errors import InputError
+from napari_stm.core.readout import memory_read, motion_prior, read_weights
+from napari_stm.synthetic import make_clip
+
+T, H, W = 16, 64, 96
+CPU = PropagationConfig(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def clip() -> tuple[np.ndarray, np.ndarray]:
+    return make_clip(n_frames=T, height=H, width=W, seed=0)
+
+
+def propagate(model, video, refs, **kw):
+    prop = Propagator(model, video, CPU)
+    for t, lab in refs.items():
+        prop.add_reference(t, lab)
+    return prop, list(prop.propagate(**kw))
+
+
+def test_every_result_reports_confidence_area_and_flags(tiny_model, clip):
+    video, gt = clip
+    _, results = propagate(tiny_model, video, {0: gt[0], 10: gt[10]}, direction="both")
+    for r in results:
+        assert set(r.confidence) == set(r.area) == set(r.flags) == {1, 2}
+        for i in (1, 2):
+            assert r.area[i] == int((r.labels == i).sum())
+            assert 0.0 <= r.confidence[i] <= 1.0
+        if r.is_reference:
+            assert r.flags == {1: "reference", 2: "reference"}
+            assert r.confidence == {1: 1.0, 2: 1.0}
+        else:
+            assert set(r.flags.values()) <= {"", "lost"}
+
+
+def test_confidence_ranks_frames_by_their_true_quality(clip):
+    # A matcher that sees little (high temperature) tracks worse the further it goes; frames it
+    # gets wrong must score lower than those it gets right.
+    video, gt = clip
+    model = TinyMatch(temperature=0.2)
+    _, results = propagate(model, video, {0: gt[0]}, direction="forward")
+    conf, quality = [], []
+    for r in results[1:]:
+        conf.append(np.mean(list(r.confidence.values())))
+        quality.append(mean_iou({r.t: r.labels}, gt, [1, 2]))
+    from scipy.stats import spearmanr
+
+    rho = spearmanr(conf, quality).statistic
+    print(f"Spearman(confidence, J) over {len(conf)} frames: {rho:.2f}")
+    assert rho > 0.3
+
+
+def test_an_object_that_leaves_is_flagged_lost(tiny_model):
+    video, gt = make_clip(n_frames=12, height=H, width=W, n_objects=1, seed=4, occlusion=False)
+    video = video.copy()
+    # From frame 6 on the object is painted over with background texture: it is gone.
+    for t in range(6, 12):
+        video[t][gt[t] == 1] = video[0][gt[0] == 0][: int((gt[t] == 1).sum())]
+    _, results = propagate(tiny_model, video, {0: gt[0]}, direction="forward")
+    flags = {r.t: r.flags[1] for r in results}
+    assert flags[0] == "reference"
+    assert all(flags[t] == "" for t in range(1, 5))
+    assert "lost" in {flags[t] for t in range(7, 12)}
+
+
+def test_affected_frames_lie_between_the_neighbouring_references(tiny_model, clip):
+    video, gt = clip
+    prop = Propagator(tiny_model, video, CPU)
+    for t in (0, 6, 12):
+        prop.add_reference(t, gt[t])
+    assert prop.affected(6) == (0, 13)
+    assert prop.affected(0) == (0, 7)
+    assert prop.affected(12) == (6, T)
+    prop.add_reference(9, gt[9])
+    assert prop.affected(9) == (6, 13)
+    assert prop.affected(9, start=8, stop=11) == (8, 11)
+
+
+def test_propagating_only_the_affected_frames_gives_what_a_full_run_gives(tiny_model, clip):
+    video, gt = clip
+    prop, first = propagate(tiny_model, video, {0: gt[0], 12: gt[12]}, direction="both")
+    prop.add_reference(5, gt[5])
+    lo, hi = prop.affected(5)
+    part = {r.t: r.labels for r in prop.propagate("both", lo, hi)}
+    assert sorted(part) == list(range(lo, hi))
+    full = {r.t: r.labels for r in prop.propagate("both")}
+    for t in range(T):
+        expected = part[t] if t in part else next(r.labels for r in first if r.t == t)
+        np.testing.assert_array_equal(full[t], expected, err_msg=f"frame {t}")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_correct_reference_never_lowers_j_on_the_frames_it_reaches(seed):
+    # The simulated annotator's promise: correcting the worst frame with its true mask does not
+    # make the frames that correction reaches worse. The occluded clip crosses the objects.
+    video, gt = make_clip(n_frames=20, height=H, width=W, seed=seed)
+    model = TinyMatch(temperature=0.1)
+    prop, results = propagate(model, video, {0: gt[0]}, direction="both")
+    labels = {r.t: r.labels for r in results}
+    for _ in range(3):
+        j = {t: mean_iou({t: labels[t]}, gt, [1, 2]) for t in labels}
+        worst = min((t for t in j if t not in prop.references), key=lambda t: (j[t], t))
+        prop.add_reference(worst, gt[worst])
+        lo, hi = prop.affected(worst)
+        new = {r.t: r.labels for r in prop.propagate("both", lo, hi)}
+        reached = [t for t in range(lo, hi) if t != worst]
+        before = np.mean([j[t] for t in reached]) if reached else 1.0
+        after = np.mean([mean_iou({t: new[t]}, gt, [1, 2]) for t in reached]) if reached else 1.0
+        print(f"corrected {worst}: frames {lo}..{hi - 1} J {before:.3f} -> {after:.3f}")
+        assert after >= before - 0.01
+        labels.update(new)
+
+
+def test_fusion_takes_each_object_from_the_surer_side(tiny_model, clip):
+    video, gt = clip
+    prop = Propagator(tiny_model, video, CPU)
+    prop.add_reference(3, gt[3])
+    prop.add_reference(5, gt[5])
+    n = 2
+    hp, wp = prop.geo.padded
+    forward = torch.zeros(n + 1, hp, wp)
+    backward = torch.zeros(n + 1, hp, wp)
+    # object 1: forward sure (a crisp square), backward smeared; object 2 the other way round
+    forward[1, 10:30, 10:30] = 1.0
+    backward[1, :, :] = 0.3
+    forward[2, :, :] = 0.3
+    backward[2, 30:50, 40:70] = 1.0
+    for p in (forward, backward):
+        p[0] = (1 - p[1:].sum(0)).clamp_min(0)
+        p /= p.sum(0, keepdim=True)
+    stored = (backward[None] * 255).round().to(torch.uint8).numpy()
+    from napari_stm.core.quality import object_confidence
+
+    prop._stored_conf[4] = object_confidence(backward)
+    fused = prop._fuse(4, forward, stored, (3, 5))
+    cls = fused.argmax(0)
+    assert bool((cls[10:30, 10:30] == 1).all()) and bool((cls[30:50, 40:70] == 2).all())
+    # neither smeared side leaks into the result
+    assert int((cls == 1).sum()) == 400 and int((cls == 2).sum()) == 600
+
+
+def test_read_weights_are_the_weights_of_the_memory_read():
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.nn.functional.normalize(torch.randn(1, 8, 3 * 20, generator=gen), dim=1)
+    values = torch.randn(2, 5, 3 * 20, generator=gen)
+    query = torch.nn.functional.normalize(torch.randn(1, 8, 20, generator=gen), dim=1)
+    prior = motion_prior(torch.tensor([1, 2, 5]), (4, 5), 0.1)
+    for top_k in (None, 7):
+        out = memory_read(keys, values, query, top_k, 10.0, prior)
+        pos = torch.tensor([3, 11])
+        w = read_weights(keys, query, pos, top_k, 10.0, prior)  # [1, 2, M]
+        assert torch.allclose(w.sum(-1), torch.ones(1, 2))
+        for j, p in enumerate(pos.tolist()):
+            assert torch.allclose(values @ w[0, j], out[:, :, p], atol=1e-5)
+
+
+def test_explain_rebuilds_the_read_the_pass_made(tiny_model, clip):
+    video, gt = clip
+    prop, results = propagate(tiny_model, video, {0: gt[0]}, direction="forward")
+    t = 7
+    ys, xs = np.nonzero(results[t].labels == 1)
+    y, x = int(ys[len(ys) // 2]), int(xs[len(xs) // 2])
+    ex = prop.explain(t, y, x)
+    assert ex.weights.sum() == pytest.approx(1.0)
+    assert ex.frames == sorted(ex.frames) and 0 in ex.frames and t - 1 in ex.frames
+    assert ex.heatmaps.shape == (len(ex.frames), H, W) and ex.heatmaps.dtype == np.float32
+    assert ex.object == 1
+    # The same read, streamed by a tracker to frame t: its memory bank gives the weights.
+    tracker = Tracker(tiny_model, CPU)
+    tracker.step(video[0], gt[0])
+    for u in range(1, t):
+        tracker.step(video[u])
+    with torch.inference_mode():
+        image = prop.reader.tensor(t, prop.geo, prop.device)
+        tracker._flush_pending()
+        keys, _ = tracker.bank.tensors(t)
+        times = tracker.bank.times(t)
+        query = tiny_model.encode_query(image)
+    from napari_stm.core.explain import grid_position
+
+    reader, scale = tiny_model.read_query(query)
+    grid = tuple(query.key.shape[-2:])
+    pos = grid_position(y, x, prop.geo, grid)
+    w = read_weights(keys, reader, torch.tensor([pos]), tracker.top_k, scale, None)[0, 0]
+    per = w.reshape(len(times), -1).sum(1).numpy()
+    want = {m: float(v) for m, v in zip(times, per, strict=True)}
+    assert sorted(want) == ex.frames
+    np.testing.assert_allclose(ex.weights, [want[m] for m in ex.frames], atol=1e-5)
+
+
+def test_explain_errors(tiny_model, clip):
+    video, gt = clip
+    prop = Propagator(tiny_model, video, CPU)
+    prop.add_reference(0, gt[0])
+    with pytest.raises(InputError, match="not been propagated"):
+        prop.explain(3, 5, 5)
+    list(prop.propagate("forward"))
+    with pytest.raises(InputError, match="reference"):
+        prop.explain(0, 5, 5)
+    with pytest.raises(InputError, match="outside"):
+        prop.explain(3, H, 5)
+
+
+def test_explain_between_two_references_reads_only_their_stretch(tiny_model, clip):
+    video, gt = clip
+    prop, results = propagate(tiny_model, video, {0: gt[0], 6: gt[6], 12: gt[12]}, direction="both")
+    labels = {r.t: r.labels for r in results}
+    ys, xs = np.nonzero(labels[9] == 2)
+    ex = prop.explain(9, int(ys[0]), int(xs[0]))
+    # the stretch 6..12 reads references 6 and 12 and its own frames, never reference 0
+    assert 0 not in ex.frames
+    assert set(ex.frames) <= set(range(6, 13))
+    assert ex.weights.sum() == pytest.approx(1.0)
+    assert ex.object == 2
+
+
+def test_frames_after_the_last_reference_read_only_the_last(tiny_model, clip):
+    video, gt = clip
+    prop, results = propagate(tiny_model, video, {0: gt[0], 6: gt[6]}, direction="both")
+    labels = {r.t: r.labels for r in results}
+    ys, xs = np.nonzero(labels[11] == 1)
+    ex = prop.explain(11, int(ys[0]), int(xs[0]))
+    assert 0 not in ex.frames and 6 in ex.frames
