@@ -153,11 +153,11 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "frames_csv", type=Path, help="written by napari-stm bench annotate --frames-csv"
+        "frames_csv", type=Path, nargs="+", help="written by napari-stm bench annotate --frames-csv"
     )
     p.add_argument("--plot", type=Path, default=None, help="also save the figure (PNG)")
     args = p.parse_args(argv)
-    rows = read_rows(args.frames_csv)
+    rows = [r for path in args.frames_csv for r in read_rows(path)]
     table = report(rows)
     print_table(table)
     r0 = [t for t in table if t[1] == "round 0"]
