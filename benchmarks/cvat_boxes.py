@@ -11,10 +11,8 @@ rectangle; three ways to follow it are scored on every later frame by box IoU:
 - ``filled box``: the engine memorises the filled box as the object's mask;
 - ``engine read-back``: the engine memorises the filled box, segments the first frame again
   from that memory and keeps what it finds inside the box;
-- ``GrabCut``: OpenCV's GrabCut, initialised with the box, gives the memorised mask (needs
-  ``opencv-python-headless``, not a dependency of the package).
-
-The tracker memorises the filled box (``filled box``), the best of the three seeds here.
+- ``GrabCut``: what the tracker does (``cvat_function.tracking.box_seeded_mask``): OpenCV's
+  GrabCut, initialised with the box, gives the memorised mask.
 
 Each answer is the bounding box of the tracked mask, as the tracker returns it. The default
 sequences are the ones the bundled model's training held out.
@@ -60,53 +58,7 @@ def read_back(model, config, image: np.ndarray, box: np.ndarray) -> np.ndarray: 
     probe = tracking.start(model, config, image, box)
     (inside,) = tracking.follow([probe], image)
     inside &= box
-    return inside if inside.sum() >= 0.1 * box.sum() else box
-
-
-def grabcut_mask(image: np.ndarray, box: np.ndarray) -> np.ndarray:
-    """The object inside a filled box on ``image`` (H x W x 3 RGB uint8), by GrabCut.
-
-    GrabCut runs on the box and a margin around it (the margin is its background sample),
-    at most :data:`400` pixels a side, so its cost does not grow with the frame.
-    """
-    import cv2
-
-    rows = np.flatnonzero(box.any(axis=1))
-    cols = np.flatnonzero(box.any(axis=0))
-    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    h, w = box.shape
-    margin = max(8, (max(y1 - y0, x1 - x0)) // 4)
-    cy0, cy1 = max(0, y0 - margin), min(h, y1 + margin)
-    cx0, cx1 = max(0, x0 - margin), min(w, x1 + margin)
-    crop = np.ascontiguousarray(image[cy0:cy1, cx0:cx1, ::-1])  # RGB -> OpenCV's BGR
-    scale = min(1.0, 400 / max(crop.shape[:2]))
-    if scale < 1.0:
-        size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
-        crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
-    rx0, ry0 = int((x0 - cx0) * scale), int((y0 - cy0) * scale)
-    rx1 = max(rx0 + 1, int(round((x1 - cx0) * scale)))
-    ry1 = max(ry0 + 1, int(round((y1 - cy0) * scale)))
-    labels = np.zeros(crop.shape[:2], np.uint8)
-    try:
-        cv2.setRNGSeed(0)  # GrabCut's k-means start: the same box gives the same mask
-        cv2.grabCut(
-            crop,
-            labels,
-            (rx0, ry0, rx1 - rx0, ry1 - ry0),
-            np.zeros((1, 65)),
-            np.zeros((1, 65)),
-            5,
-            cv2.GC_INIT_WITH_RECT,
-        )
-    except cv2.error:  # a box without background around it (the whole frame) has no model
-        return box
-    fg = ((labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)).astype(np.uint8)
-    if scale < 1.0:
-        fg = cv2.resize(fg, (cx1 - cx0, cy1 - cy0), interpolation=cv2.INTER_NEAREST)
-    inside = np.zeros_like(box)
-    inside[cy0:cy1, cx0:cx1] = fg.astype(bool)
-    inside &= box
-    return inside if inside.sum() >= 0.1 * box.sum() else box
+    return inside if inside.sum() >= tracking.BOX_MIN_FILL * box.sum() else box
 
 
 def load(seq: Path, limit: int | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -155,7 +107,7 @@ def main() -> None:
         seeds = {
             "filled box": box,
             "engine read-back": read_back(model, config, frames[0], box),
-            "GrabCut": grabcut_mask(frames[0], box),
+            "GrabCut": tracking.box_seeded_mask(frames[0], box),
         }
         for method, mask in seeds.items():
             tracker = tracking.start(model, config, frames[0], mask)

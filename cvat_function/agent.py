@@ -60,8 +60,10 @@ class StmTrackingFunction:
     def init_tracking_state(
         self, context: TrackingFunctionShapeContext, pp_image: SharedFrame, shape: TrackableShape
     ) -> TrackingState:
+        rgb = pp_image.frame
         # ShapeError (a ValueError) tells the agent the request was bad.
-        mask = tracking.reference_mask(shape.type, list(shape.points), pp_image.frame.shape[:2])
+        mask = tracking.reference_mask(shape.type, list(shape.points), rgb.shape[:2])
+        mask = tracking.object_mask(rgb, shape.type, mask)
         tracker = tracking.start(self.model, self.config, pp_image, mask)
         return TrackingState(tracker, shape.type)
 

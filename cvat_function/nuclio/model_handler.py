@@ -280,7 +280,7 @@ class ModelHandler:
                 if op.kind == "track":
                     continue
                 assert op.mask is not None
-                mask = op.mask
+                mask = _engine(tracking.object_mask, image, op.shape_type, op.mask)
                 if op.kind == "start":
                     tracker = _engine(tracking.start, self.model, self.config, frame, mask)
                     op.session = Session(

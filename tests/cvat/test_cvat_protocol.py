@@ -257,3 +257,22 @@ def test_function_yaml_agrees_with_cvat_and_the_handler(name):
     assert float(env["NAPARI_STM_SESSION_TTL"]) == DEFAULT_TTL
     trigger = spec["spec"]["triggers"]["myHttpTrigger"]
     assert trigger["attributes"]["maxRequestBodySize"] == Limits().max_body_bytes
+
+
+def test_a_box_seeds_the_object_inside_it():
+    from cvat_function.shapes import mask_from_rectangle
+    from cvat_function.tracking import box_seeded_mask
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:120, :160]
+    disc = (yy - 60) ** 2 + (xx - 80) ** 2 < 30**2
+    image = rng.integers(0, 60, (120, 160, 3), dtype=np.uint8)
+    image[disc] = rng.integers(180, 255, (int(disc.sum()), 3), dtype=np.uint8)
+    box = mask_from_rectangle([46, 26, 114, 94], 120, 160)
+    seeded = box_seeded_mask(image, box)
+    assert not (seeded & ~box).any()
+    assert (seeded & disc).sum() / (seeded | disc).sum() > 0.9
+    assert (box & disc).sum() / (box | disc).sum() < 0.7
+    assert np.array_equal(box_seeded_mask(image, box), seeded)  # seeded: the same every time
+    whole = np.ones((120, 160), bool)
+    assert box_seeded_mask(image, whole).sum() > 0
