@@ -332,6 +332,12 @@ def propagate_files(
     out = Path(out)
     as_tiff = out.suffix.lower() in (".tif", ".tiff")
     _check_outputs(frames, masks, out, as_tiff, probs, overlay, overwrite, report)
+    top = max(int(m.max()) for m in refs.values())
+    if not as_tiff and top > io.MAX_LABEL_ID:
+        raise InputError(
+            f"the masks hold object id {top}: palette PNGs hold ids up to {io.MAX_LABEL_ID}; "
+            f"write a label TIFF instead (--out {out.with_suffix('.tif')})"
+        )
 
     prop = Propagator(load(), source, config)
     for t, labels in refs.items():
@@ -359,7 +365,11 @@ def propagate_files(
         prob_stack[:] = 0
     rows: list[tuple[int, int, float, int, str]] = []
     bar = tqdm(total=len(reached), unit="frame", disable=quiet, desc="propagating")
-    tiff = _OrderedTiff(out, start, stop, reached, (h, w), overwrite) if as_tiff else None
+    tiff = (
+        _OrderedTiff(out, start, stop, reached, (h, w), overwrite, max(ids, default=0))
+        if as_tiff
+        else None
+    )
     if not as_tiff:
         out.mkdir(parents=True, exist_ok=True)
     try:
@@ -487,10 +497,13 @@ class _OrderedTiff:
         reached: set[int],
         size: tuple[int, int],
         overwrite: bool,
+        max_id: int = 0,
     ) -> None:
-        from napari_stm.io import LabelTiffWriter
+        from napari_stm.io import LabelTiffWriter, label_dtype
 
-        self.writer = LabelTiffWriter(path, overwrite=overwrite, bigtiff=True)
+        self.writer = LabelTiffWriter(
+            path, dtype=label_dtype(max_id), overwrite=overwrite, bigtiff=True
+        )
         self.writer.__enter__()
         self.next, self.stop, self.reached = start, stop, reached
         self.empty = np.zeros(size, np.uint8)

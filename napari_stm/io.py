@@ -21,6 +21,7 @@ import tifffile
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from napari_stm.core.errors import InputError
+from napari_stm.core.frames import MAX_OBJECT_ID, label_dtype
 
 __all__ = [
     "DAVIS_PALETTE",
@@ -45,6 +46,7 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".m
 # Lossy formats scramble label values at object borders, so they are refused as masks.
 LABEL_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp")
 _LOSSY_EXTENSIONS = (".jpg", ".jpeg")
+#: the largest id a palette PNG can hold; label TIFFs and arrays take any id up to MAX_OBJECT_ID
 MAX_LABEL_ID = 255
 
 
@@ -467,7 +469,7 @@ def open_frames(path: str | os.PathLike) -> FrameSource:
 
 _RGB_MASK_HELP = (
     "label images must be single-channel (8/16-bit gray) or palette (indexed colour) PNG/TIFF "
-    "files whose pixel values are object ids (0 = background, 1..255 = objects)"
+    "files whose pixel values are object ids (0 = background, any positive integer = an object)"
 )
 
 
@@ -475,16 +477,17 @@ def _check_ids(path: Path, labels: np.ndarray) -> np.ndarray:
     if labels.size == 0:
         raise InputError(f"label image '{path}' is empty")
     low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high > MAX_LABEL_ID:
+    if low < 0 or high > MAX_OBJECT_ID:
         bad = low if low < 0 else high
         raise InputError(
-            f"label image '{path}' contains object id {bad}; ids must be 0..{MAX_LABEL_ID}"
+            f"label image '{path}' contains object id {bad}; ids must be 0..{MAX_OBJECT_ID}"
         )
-    return labels.astype(np.uint8, copy=False)
+    return labels.astype(label_dtype(high), copy=False)
 
 
 def read_label_image(path: str | os.PathLike) -> np.ndarray:
-    """Read one label image as H x W uint8 object ids (palette PNGs as their indices)."""
+    """Read one label image as H x W object ids (palette PNGs as their indices), in the
+    smallest unsigned dtype that holds them (uint8 up to 255)."""
     path = Path(path)
     _raise_missing(path)
     suffix = path.suffix.lower()
@@ -547,7 +550,7 @@ def _frame_index_by_number(stems: Sequence[str]) -> dict[int, int]:
 def read_masks(
     path: str | os.PathLike, stems: Sequence[str], shape: Sequence[int]
 ) -> dict[int, np.ndarray]:
-    """Read label images for some frames: {frame index: H x W uint8 ids}.
+    """Read label images for some frames: {frame index: H x W ids}.
 
     `path` is a folder of label images matched to frames by file name (00000.png labels frame
     00000.jpg; when names differ only in their prefix or zero padding, the trailing number
@@ -629,8 +632,17 @@ def _as_labels(labels: Any, what: str, ndim: int, max_id: int = MAX_LABEL_ID) ->
 
 
 def write_palette_png(path: str | os.PathLike, labels: Any, overwrite: bool = True) -> Path:
-    """Save H x W ids 0..255 as an indexed PNG with the DAVIS palette (ids kept as indices)."""
+    """Save H x W ids 0..255 as an indexed PNG with the DAVIS palette (ids kept as indices).
+
+    A palette holds 256 entries, so larger ids raise InputError (write a label TIFF instead).
+    """
     path = Path(path)
+    labels = np.asarray(labels)
+    if labels.size and np.issubdtype(labels.dtype, np.integer) and labels.max() > MAX_LABEL_ID:
+        raise InputError(
+            f"labels for '{path.name}' hold object id {int(labels.max())}: a palette PNG holds "
+            f"ids up to {MAX_LABEL_ID}; save a label TIFF (.tif) instead"
+        )
     labels = _as_labels(labels, f"labels for '{path.name}'", 2).astype(np.uint8)
     _check_target(path, overwrite)
     image = Image.fromarray(labels)
@@ -665,8 +677,8 @@ class LabelTiffWriter:
     ) -> None:
         self.path = Path(path)
         self.dtype = np.dtype(dtype)
-        if self.dtype not in (np.dtype(np.uint8), np.dtype(np.uint16)):
-            raise InputError(f"label TIFFs are uint8 or uint16, not {self.dtype}")
+        if self.dtype not in (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32)):
+            raise InputError(f"label TIFFs are uint8, uint16 or uint32, not {self.dtype}")
         self.overwrite = overwrite
         self.bigtiff = bigtiff
         self.frames_written = 0
@@ -711,9 +723,9 @@ class LabelTiffWriter:
 
 
 def write_label_tiff(path: str | os.PathLike, stack: Any, overwrite: bool = True) -> Path:
-    """Save a T x H x W label stack as one TIFF (uint8, or uint16 when an id exceeds 255)."""
-    stack = _as_labels(stack, "label stack", 3, np.iinfo(np.uint16).max)
-    dtype = np.uint8 if stack.size == 0 or stack.max() <= MAX_LABEL_ID else np.uint16
+    """Save a T x H x W label stack as one TIFF (uint8, or uint16/uint32 for larger ids)."""
+    stack = _as_labels(stack, "label stack", 3, MAX_OBJECT_ID)
+    dtype = label_dtype(int(stack.max()) if stack.size else 0)
     bigtiff = stack.size * np.dtype(dtype).itemsize > 2**32 - 2**25
     with LabelTiffWriter(path, dtype=dtype, overwrite=overwrite, bigtiff=bigtiff) as writer:
         for frame in stack:
@@ -748,10 +760,11 @@ def overlay(frame: Any, labels: Any, alpha: float = 0.5) -> np.ndarray:
     from skimage.segmentation import find_boundaries
 
     rgb = _to_rgb_uint8(frame)
-    ids = _as_labels(labels, "labels", 2)
+    ids = _as_labels(labels, "labels", 2, MAX_OBJECT_ID)
     if ids.shape != rgb.shape[:2]:
         raise InputError(f"labels of shape {ids.shape} do not fit a frame of {rgb.shape[:2]}")
-    ids = ids.astype(np.uint8)
+    # Ids past the palette reuse its colours (never 0, the background's black).
+    ids = np.where(ids > 0, (ids.astype(np.int64) - 1) % MAX_LABEL_ID + 1, 0).astype(np.uint8)
     colours = DAVIS_PALETTE[ids].astype(np.float32)
     inside = ids > 0
     out = rgb.astype(np.float32)

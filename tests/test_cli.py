@@ -225,6 +225,25 @@ def test_bad_input_is_one_clear_line(tmp_path, files, capsys):
         assert "Traceback" not in err
 
 
+def test_ids_past_255_go_to_a_label_tiff_not_a_palette_png(tmp_path, files, clip, capsys):
+    fdir, _ = files
+    frames, gt = clip
+    masks = tmp_path / "ctc_masks"
+    masks.mkdir()
+    lut = np.array([0, 300, 1041], np.uint16)  # Cell Tracking Challenge style ids
+    tifffile.imwrite(masks / "00000.tif", lut[gt[0]])
+    code = run("propagate", fdir, "--masks", masks, "--out", tmp_path / "pngs", "--model", MODEL)
+    err = capsys.readouterr().err
+    assert code == 2 and "object id 1041" in err and "label TIFF" in err, err
+    assert not (tmp_path / "pngs").exists()
+    out = tmp_path / "labels.tif"
+    assert run("propagate", fdir, "--masks", masks, "--out", out, "--model", MODEL, "--quiet") == 0
+    stack = tifffile.imread(out)
+    assert stack.dtype == np.uint16
+    np.testing.assert_array_equal(stack[0], lut[gt[0]])
+    assert set(np.unique(stack[-1])) <= {0, 300, 1041} and {300, 1041} <= set(np.unique(stack))
+
+
 def test_interrupted_run_leaves_only_whole_frames(tmp_path, files, monkeypatch):
     fdir, mdir = files
     from napari_stm.core import engine

@@ -226,13 +226,24 @@ def test_check_labels_accepts_ids_and_keeps_values():
     assert check_labels(lab > 0, (4, 5), "x").max() == 1
 
 
+def test_check_labels_keeps_ids_past_255_in_a_dtype_that_holds_them():
+    # Cell Tracking Challenge masks number their cells past 255.
+    lab = np.zeros((4, 5), np.int64)
+    lab[1, 1], lab[2, 3] = 300, 7
+    out = check_labels(lab, (4, 5), "frame 0")
+    assert out.dtype == np.uint16 and np.array_equal(out, lab)
+    lab[0, 0] = 70_000
+    out = check_labels(lab, (4, 5), "frame 0")
+    assert out.dtype == np.uint32 and np.array_equal(out, lab)
+
+
 @pytest.mark.parametrize(
     ("labels", "message"),
     [
         (np.zeros((4, 6), np.uint8), "frame 7: mask is 6x4 but the frames are 5x4"),
         (np.zeros((2, 4, 5), np.uint8), "2-D label image"),
-        (np.full((4, 5), 256, np.uint16), "object id 256 is outside 0..255"),
-        (np.full((4, 5), -1, np.int16), "object id -1 is outside 0..255"),
+        (np.full((4, 5), 2**32, np.int64), "object id 4294967296 is above 4294967295"),
+        (np.full((4, 5), -1, np.int16), "object id -1 is negative"),
         (np.full((4, 5), 1.5), "whole numbers"),
         (np.full((4, 5), "a"), "unsupported dtype"),
     ],

@@ -72,6 +72,29 @@ def test_folder_of_uint16_tiffs(tmp_path):
     np.testing.assert_array_equal(src[2], stack[2])
 
 
+def test_lzw_tiffs_open_like_the_cell_tracking_challenges(tmp_path):
+    # The Cell Tracking Challenge ships LZW-compressed TIFFs, which tifffile decodes only
+    # through imagecodecs (a dependency for that reason).
+    stack = np.arange(5 * 16 * 24, dtype=np.uint16).reshape(5, 16, 24) * 7
+    masks = tmp_path / "masks"
+    frames = tmp_path / "frames"
+    masks.mkdir()
+    frames.mkdir()
+    for t, frame in enumerate(stack):
+        tifffile.imwrite(frames / f"t{t:03d}.tif", frame, compression="lzw")
+    labels = np.zeros((16, 24), np.uint16)
+    labels[2:6, 3:9], labels[9:14, 10:20] = 1, 301
+    tifffile.imwrite(masks / "man_seg000.tif", labels, compression="lzw")
+    with tifffile.TiffFile(frames / "t001.tif") as tif:
+        assert tif.pages[0].compression == tifffile.COMPRESSION.LZW
+    src = open_frames(frames)
+    np.testing.assert_array_equal(np.stack([src[t] for t in range(5)]), stack)
+    got = read_masks(masks, src.stems, src.shape)
+    np.testing.assert_array_equal(got[0], labels)
+    tifffile.imwrite(tmp_path / "stack.tif", stack, compression="lzw")
+    np.testing.assert_array_equal(open_frames(tmp_path / "stack.tif")[2], stack[2])
+
+
 def test_frame_errors(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         open_frames(tmp_path / "missing")
@@ -206,15 +229,20 @@ def test_read_masks_by_stem_number_and_single_file(tmp_path):
     assert list(got) == [0]
 
 
-def test_label_tiff_uint16_ids_within_range(tmp_path):
+def test_label_tiff_ids_past_255_are_kept(tmp_path):
     labels = np.zeros((24, 32), np.uint16)
     labels[1:4, 1:4] = 200
     tifffile.imwrite(tmp_path / "00000.tif", labels)
-    np.testing.assert_array_equal(read_label_image(tmp_path / "00000.tif"), labels)
-    labels[0, 0] = 256
+    got = read_label_image(tmp_path / "00000.tif")
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, labels)
+    labels[0, 0] = 1256  # Cell Tracking Challenge masks number cells past 255
     tifffile.imwrite(tmp_path / "00001.tif", labels)
-    with pytest.raises(InputError, match=r"00001\.tif.*id 256"):
-        read_label_image(tmp_path / "00001.tif")
+    got = read_label_image(tmp_path / "00001.tif")
+    assert got.dtype == np.uint16
+    np.testing.assert_array_equal(got, labels)
+    with pytest.raises(InputError, match=r"00001\.png.*id 1256.*up to 255.*TIFF"):
+        write_palette_png(tmp_path / "00001.png", labels)
 
 
 def test_mask_errors(tmp_path):

@@ -238,7 +238,10 @@ def _to_three(frame: np.ndarray) -> np.ndarray:
 
 
 def check_labels(labels: Any, size: tuple[int, int], where: str) -> np.ndarray:
-    """Validate a label image (0 = background, 1..255 object ids) of the frames' size."""
+    """Validate a label image (0 = background, any positive integer an object id) of the
+    frames' size; returned as the smallest unsigned dtype holding its ids (uint8 for 0..255,
+    which is what palette PNGs can store, uint16 or uint32 above: Cell Tracking Challenge
+    masks number their cells past 255)."""
     arr = np.asarray(labels)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
@@ -255,7 +258,21 @@ def check_labels(labels: Any, size: tuple[int, int], where: str) -> np.ndarray:
             raise InputError(f"{where}: labels must be whole numbers (object ids)")
     elif arr.dtype.kind not in "ui":
         raise InputError(f"{where}: labels have unsupported dtype {arr.dtype}")
-    if arr.size and (arr.min() < 0 or arr.max() > 255):
-        bad = arr.max() if arr.max() > 255 else arr.min()
-        raise InputError(f"{where}: object id {int(bad)} is outside 0..255")
-    return arr.astype(np.uint8)
+    low, high = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+    if low < 0:
+        raise InputError(f"{where}: object id {low} is negative (0 is background, ids are > 0)")
+    if high > MAX_OBJECT_ID:
+        raise InputError(f"{where}: object id {high} is above {MAX_OBJECT_ID}")
+    return arr.astype(label_dtype(high), copy=False)
+
+
+#: largest object id (the largest uint32: label images are at most 32-bit)
+MAX_OBJECT_ID = 2**32 - 1
+
+
+def label_dtype(max_id: int) -> np.dtype:
+    """The smallest unsigned integer dtype that holds object ids up to ``max_id``."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if max_id <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise InputError(f"object id {max_id} is above {MAX_OBJECT_ID}")

@@ -225,7 +225,7 @@ class Propagator:
         if not self.object_ids:
             raise InputError(
                 f"the reference masks (frames {sorted(self.references)}) contain no object: "
-                "paint at least one object id (1..255)"
+                "paint at least one object (any id above 0)"
             )
         plan = plan_passes(direction, refs, start, stop)
         return self._propagate(plan, progress, cancel)

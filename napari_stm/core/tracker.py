@@ -25,6 +25,7 @@ from napari_stm.core.frames import (
     check_labels,
     crop_padding,
     from_network,
+    label_dtype,
     to_network,
 )
 from napari_stm.core.frames import geometry as make_geometry
@@ -242,7 +243,7 @@ class Tracker:
 
         ``frame`` may be a :class:`SharedFrame`: trackers stepping the same one convert and
         encode it once between them (results unchanged).
-        Returns (labels H x W uint8, probs float32 [N+1, H, W]).
+        Returns (labels H x W, uint8 for ids up to 255, probs float32 [N+1, H, W]).
         """
         shared = frame if isinstance(frame, SharedFrame) else None
         reader = FrameReader(
@@ -392,8 +393,9 @@ class Tracker:
         full = from_network(probs[None], self.geo)[0]
         # max(0).indices, not argmax(0): the same first-maximum index, but argmax over a short
         # leading dimension took 80 ms of a 480p frame on CPU, max 7 ms.
-        cls = full.max(0).indices.to(torch.uint8).cpu().numpy()
-        lut = np.array([0, *self.object_ids], dtype=np.uint8)
+        index = torch.uint8 if len(self.object_ids) < 256 else torch.int32
+        cls = full.max(0).indices.to(index).cpu().numpy()
+        lut = np.array([0, *self.object_ids], dtype=label_dtype(max(self.object_ids, default=0)))
         labels = lut[cls]
         on = (self.active if tracked is None else tracked).tolist()
         conf = object_confidence(crop_padding(probs, self.geo)).tolist()
