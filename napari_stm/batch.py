@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from napari_stm.core.atomic import atomic_path
 from napari_stm.core.engine import PropagationConfig
 from napari_stm.core.errors import CheckpointError, InputError
 
@@ -321,12 +322,8 @@ def check_output(job: Job) -> tuple[str, dict[str, Any] | None]:
 
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- one video (worker)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from napari_stm.core.atomic import atomic_path
 from napari_stm.core.errors import CheckpointError, InputError
 
 if TYPE_CHECKING:
@@ -473,13 +474,11 @@ def _temp_npy(path: str | os.PathLike) -> Path:
 def _save_probs(
     path: str | os.PathLike, probs: np.memmap, ids: list[int], stems: list[str]
 ) -> None:
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.part.npz")
     try:
-        np.savez(tmp, probs=probs, ids=np.array(ids, dtype=np.int32), stems=np.array(stems))
-        os.replace(tmp, target)
+        # numpy.savez appends .npz to a name without it
+        with atomic_path(path, suffix=".part.npz") as tmp:
+            np.savez(tmp, probs=probs, ids=np.array(ids, dtype=np.int32), stems=np.array(stems))
     finally:
-        tmp.unlink(missing_ok=True)
         Path(probs.filename).unlink(missing_ok=True)
 
 

@@ -27,13 +27,13 @@ import csv
 import io as _stdio
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from napari_stm.core.atomic import atomic_path
 from napari_stm.core.errors import InputError
 from napari_stm.io import LABEL_EXTENSIONS, natural_key, read_label_image
 from napari_stm.metrics import db_eval_iou, db_statistics, f_measure
@@ -161,13 +161,8 @@ class EvaluationResult:
 def _write_csv_atomic(path: Path, rows: list[list[str]]) -> None:
     buffer = _stdio.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(rows)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(buffer.getvalue())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        handle.write(buffer.getvalue())
 
 
 # --------------------------------------------------------------------------- layouts

@@ -7,10 +7,10 @@ the problem and raises `InputError`. Frames are read one at a time on `__getitem
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -20,6 +20,7 @@ import numpy as np
 import tifffile
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from napari_stm.core.atomic import atomic_path
 from napari_stm.core.errors import InputError
 from napari_stm.core.frames import MAX_OBJECT_ID, label_dtype
 
@@ -603,13 +604,6 @@ def read_masks(
 # --------------------------------------------------------------------------- masks out
 
 
-def _temp_beside(path: Path) -> Path:
-    # Same folder, so the final os.replace is an atomic rename on the same file system.
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    return Path(name)
-
-
 def _check_target(path: Path, overwrite: bool) -> None:
     if not path.parent.is_dir():
         raise InputError(f"output folder '{path.parent}' does not exist")
@@ -647,12 +641,8 @@ def write_palette_png(path: str | os.PathLike, labels: Any, overwrite: bool = Tr
     _check_target(path, overwrite)
     image = Image.fromarray(labels)
     image.putpalette(DAVIS_PALETTE.tobytes())
-    tmp = _temp_beside(path)
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -683,13 +673,18 @@ class LabelTiffWriter:
         self.bigtiff = bigtiff
         self.frames_written = 0
         self._frame_shape: tuple[int, ...] | None = None
-        self._tmp: Path | None = None
+        self._file: contextlib.AbstractContextManager[Path] | None = None
         self._writer: tifffile.TiffWriter | None = None
 
     def __enter__(self) -> LabelTiffWriter:
         _check_target(self.path, self.overwrite)
-        self._tmp = _temp_beside(self.path)
-        self._writer = tifffile.TiffWriter(self._tmp, bigtiff=self.bigtiff)
+        self._file = atomic_path(self.path)
+        tmp = self._file.__enter__()
+        try:
+            self._writer = tifffile.TiffWriter(tmp, bigtiff=self.bigtiff)
+        except BaseException as err:
+            self._file.__exit__(type(err), err, err.__traceback__)
+            raise
         return self
 
     def write(self, labels: Any) -> None:
@@ -709,17 +704,19 @@ class LabelTiffWriter:
         )
         self.frames_written += 1
 
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        assert self._writer is not None and self._tmp is not None
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        assert self._writer is not None and self._file is not None
+        file, self._file = self._file, None
         try:
             self._writer.close()
-            if exc_type is None:
-                if self.frames_written == 0:
-                    raise InputError(f"no frames were written to '{self.path}'")
-                os.replace(self._tmp, self.path)
+            if exc_type is None and self.frames_written == 0:
+                raise InputError(f"no frames were written to '{self.path}'")
+        except BaseException as err:
+            file.__exit__(type(err), err, err.__traceback__)  # deletes the temporary file
+            raise
         finally:
-            self._tmp.unlink(missing_ok=True)
             self._writer = None
+        file.__exit__(exc_type, exc, tb)  # renamed over path unless the block raised
 
 
 def write_label_tiff(path: str | os.PathLike, stack: Any, overwrite: bool = True) -> Path:
@@ -817,10 +814,6 @@ def save_overlay_grid(
         row, col = divmod(i, columns)
         sheet.paste(tile, (col * (tile_width + gap), row * (tile_height + gap)))
     _check_target(path, overwrite=True)
-    tmp = _temp_beside(path)
-    try:
+    with atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

@@ -11,7 +11,6 @@ from tiny_network import iou
 
 from napari_stm.core.backbones import efficientnet_lite0
 from napari_stm.core.engine import PropagationConfig, Propagator
-from napari_stm.core.errors import InputError
 from napari_stm.core.stm_lite import C16, KEY_DIM, MAX_SCALE, VALUE_DIM, STMLite
 from napari_stm.core.weights import (
     ModelSpec,
@@ -147,13 +146,13 @@ def test_size_within_budget(model):
 
 
 def test_bad_input_is_named(model):
-    with pytest.raises(InputError, match="multiples of 16"):
+    with pytest.raises(ValueError, match="multiples of 16"):
         model.encode_query(torch.rand(1, 3, 60, 64))
-    with pytest.raises(InputError, match="masks must be"):
+    with pytest.raises(ValueError, match="masks must be"):
         model.encode_memory(torch.rand(1, 3, 64, 64), torch.rand(2, 32, 32))
     with torch.inference_mode():
         q = model.encode_query(torch.rand(1, 3, 64, 64))
-        with pytest.raises(InputError, match="129 channels"):
+        with pytest.raises(ValueError, match="129 channels"):
             model.segment(q, q.key.flatten(2), torch.rand(1, VALUE_DIM, 16))
 
 

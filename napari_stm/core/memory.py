@@ -1,13 +1,8 @@
-"""The memory bank: which frames are kept, and the tensors the memory read sees.
+"""The memory bank: the entries of one pass or session, and the tensors a read sees.
 
-Policies:
-- ``official``: the paper's evaluation procedure. References and every ``mem_every``-th frame
-  of the pass are kept forever; the previous frame is a temporary entry. Memory grows with
-  the video.
-- ``bounded``: references are permanent; every ``mem_every``-th frame is written into a
-  working memory only when its prediction is confident (errors written into memory spread);
-  the previous frame is a temporary entry; the working memory is capped and forgets its oldest
-  entry first, so time and memory per frame stay flat however long the video.
+Which frames enter it, as what kind, and how large it may grow is its memory policy's choice
+(core/policy.py); the bank carries out the cap it is given: the working memory forgets its
+oldest entry first, and with more references than the cap the nearest in time are read.
 
 Entries live in one preallocated buffer per tensor, slot by slot, so a read is a view of the
 buffer's used prefix and no concatenation happens per frame.

@@ -3,6 +3,10 @@
 A network is a pure function of tensors. The engine owns all policy: which frames are memory,
 how objects are aggregated, padding and resizing. Images given to a network are float32
 [B, 3, H, W] RGB in [0, 1], with H and W multiples of ``pad_multiple``.
+
+The engine guarantees these shapes, so a network that receives others was called wrongly: every
+network raises ``ValueError`` (a shape) or ``TypeError`` (features from another network) then,
+never :class:`~napari_stm.core.errors.InputError`, which is for what a user gave.
 """
 
 from __future__ import annotations

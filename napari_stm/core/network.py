@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import resnet50_stages
-from .errors import InputError
 from .model import MemoryEntry, QueryFeatures, VOSNetwork
 from .readout import MotionPrior, memory_read
 
@@ -176,7 +175,7 @@ class STM(VOSNetwork):
         # ``query`` is of no use here: the memory encoder sees the masks from its first layer.
         self._check_image(image)
         if masks.ndim != 3 or masks.shape[-2:] != image.shape[-2:] or masks.shape[0] < 1:
-            raise InputError(
+            raise ValueError(
                 f"masks must be [N >= 1, H, W] matching the image {tuple(image.shape[-2:])}, "
                 f"got {tuple(masks.shape)}"
             )
@@ -205,7 +204,7 @@ class STM(VOSNetwork):
         prior: MotionPrior | None = None,
     ) -> Tensor:
         if query.value is None or len(query.skips) != 2:
-            raise InputError("STM.segment needs query features made by STM.encode_query")
+            raise TypeError("STM.segment needs query features made by STM.encode_query")
         k4, v4 = query.key, query.value
         r3, r2 = query.skips
         n = mem_values.shape[0]
@@ -217,9 +216,9 @@ class STM(VOSNetwork):
 
     def _check_image(self, image: Tensor) -> None:
         if image.ndim != 4 or image.shape[:2] != (1, 3):
-            raise InputError(f"STM expects an image [1, 3, H, W], got {tuple(image.shape)}")
+            raise ValueError(f"STM expects an image [1, 3, H, W], got {tuple(image.shape)}")
         h, w = image.shape[-2:]
         if h % self.pad_multiple or w % self.pad_multiple:
-            raise InputError(
+            raise ValueError(
                 f"STM needs image sides that are multiples of {self.pad_multiple}, got {h}x{w}"
             )

@@ -110,3 +110,49 @@ def affected(references: list[int], t: int, start: int, stop: int) -> tuple[int,
     before = [r for r in references if start <= r < t]
     after = [r for r in references if t < r < stop]
     return (max(before) if before else start, min(after) + 1 if after else stop)
+
+
+def reachable(refs: list[int], n: int, direction: Direction) -> set[int]:
+    """Frames of a video of ``n`` frames that a propagation from ``refs`` computes."""
+    return reach(plan_passes(direction, sorted(refs), 0, n))
+
+
+def depends_on(ref: int, refs: list[int], n: int, direction: Direction) -> list[int]:
+    """Frames whose prediction depends on reference ``ref`` (one of ``refs``): those after it up
+    to the next reference (forward), before it back to the previous one (backward), or both."""
+    after = [r for r in refs if r > ref]
+    before = [r for r in refs if r < ref]
+    fwd = range(ref + 1, after[0] if after else n)
+    bwd = range(before[-1] + 1 if before else 0, ref)
+    if direction == "forward":
+        return list(fwd)
+    if direction == "backward":
+        return list(bwd)
+    return [*bwd, *fwd]
+
+
+def covering_calls(
+    frames: list[int], refs: list[int], direction: Direction
+) -> list[tuple[int, int]]:
+    """The ``[start, stop)`` ranges to hand ``Propagator.propagate`` so that it computes every
+    frame of ``frames`` (ascending, all reachable from ``refs``): one call per gap between
+    references, starting on the reference(s) it propagates from (a range needs one inside it),
+    computing a gap once however many pieces of it are wanted."""
+    gaps: dict[tuple[int | None, int | None], list[int]] = {}
+    for t in frames:
+        before = [r for r in refs if r < t]
+        after = [r for r in refs if r > t]
+        gap = (before[-1] if before else None, after[0] if after else None)
+        gaps.setdefault(gap, []).append(t)
+    calls = []
+    for (p, q), wanted in sorted(gaps.items(), key=lambda kv: kv[1][0]):
+        first, last = wanted[0], wanted[-1]
+        if direction == "forward":
+            assert p is not None, f"frame {first} lies before every reference"
+            calls.append((p, last + 1))
+        elif direction == "backward":
+            assert q is not None, f"frame {last} lies after every reference"
+            calls.append((first, q + 1))
+        else:
+            calls.append((first if p is None else p, last + 1 if q is None else q + 1))
+    return calls

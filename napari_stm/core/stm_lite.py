@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from napari_stm.core.backbones import LITE0_FEATURE_BLOCKS, efficientnet_lite0, lite0_normalize
-from napari_stm.core.errors import InputError
 from napari_stm.core.model import MemoryEntry, QueryFeatures, VOSNetwork
 from napari_stm.core.network import ResBlock
 from napari_stm.core.readout import MotionPrior, memory_read
@@ -251,7 +250,7 @@ class STMLite(VOSNetwork):
     ) -> MemoryEntry:
         batched = masks.dim() == 4
         if masks.dim() not in (3, 4) or masks.shape[-2:] != image.shape[-2:]:
-            raise InputError(
+            raise ValueError(
                 f"masks must be [N, H, W] matching the image {tuple(image.shape[-2:])}, "
                 f"got {tuple(masks.shape)}"
             )
@@ -260,7 +259,7 @@ class STMLite(VOSNetwork):
         b = query.key.shape[0]
         masks4 = masks if batched else masks[None]
         if masks4.shape[0] != b:
-            raise InputError(f"masks for {masks4.shape[0]} frames, images for {b}")
+            raise ValueError(f"masks for {masks4.shape[0]} frames, images for {b}")
         masks4 = masks4.to(query.key.dtype)
         others = (masks4.sum(dim=1, keepdim=True) - masks4).clamp(0, 1)
         f8, _ = query.skips
@@ -279,18 +278,18 @@ class STMLite(VOSNetwork):
     ) -> Tensor:
         """Per-object probabilities (or, with ``logits``, logits) of the query frame."""
         if not {"f16", "image"} <= set(query.extra) or len(query.skips) != 2:
-            raise InputError("STMLite.segment needs query features made by STMLite.encode_query")
+            raise TypeError("STMLite.segment needs query features made by STMLite.encode_query")
         batched = mem_values.dim() == 4
         values = mem_values if batched else mem_values[None]
         keys = mem_keys  # [B, Ck, M]: the contract's [1, Ck, M] is a batch of one
         b, n = values.shape[:2]
         if values.shape[2] != self.read_dim:
-            raise InputError(
+            raise ValueError(
                 f"stm-lite memory values have {self.read_dim} channels (made by its "
                 f"encode_memory), got {tuple(mem_values.shape)}"
             )
         if keys.dim() != 3 or keys.shape[0] != b or keys.shape[-1] != values.shape[-1]:
-            raise InputError(
+            raise ValueError(
                 f"stm-lite memory keys are shared by all objects: expected [{b}, Ck, M] keys "
                 f"for values {tuple(mem_values.shape)}, got {tuple(mem_keys.shape)}"
             )
@@ -324,9 +323,9 @@ class STMLite(VOSNetwork):
 
     def _check_image(self, image: Tensor) -> None:
         if image.dim() != 4 or image.shape[1] != 3:
-            raise InputError(f"stm-lite expects images [B, 3, H, W], got {tuple(image.shape)}")
+            raise ValueError(f"stm-lite expects images [B, 3, H, W], got {tuple(image.shape)}")
         h, w = image.shape[-2:]
         if h % self.pad_multiple or w % self.pad_multiple:
-            raise InputError(
+            raise ValueError(
                 f"stm-lite needs image sides that are multiples of {self.pad_multiple}, got {h}x{w}"
             )

@@ -88,10 +88,6 @@ class FrameResult:
             self._probs = p.cpu().numpy()
         return self._probs
 
-    def __iter__(self):  # noqa: ANN204
-        # Lets adapters unpack ``t, labels, probs = result``.
-        return iter((self.t, self.labels, self.probs))
-
 
 def working_geometry(size: tuple[int, int], model: VOSNetwork, config: AlgorithmConfig) -> Geometry:
     """How frames of ``size`` map to the network: the configured or the network's working side."""

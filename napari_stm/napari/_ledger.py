@@ -20,15 +20,15 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from napari_stm.core.config import Direction
 from napari_stm.core.errors import InputError
+from napari_stm.core.plan import check_direction, covering_calls, depends_on, reachable
 
 METADATA_KEY = "napari_stm"
-
-Direction = Literal["forward", "backward", "both"]
 
 
 class Overwrite(str, Enum):
@@ -102,8 +102,8 @@ class RunPlan:
     references: list[int]
     #: frames this run writes, ascending
     write: list[int]
-    #: engine calls: [start, stop) ranges to propagate over, in order
-    blocks: list[tuple[int, int]]
+    #: engine calls: [start, stop) ranges to hand ``Propagator.propagate``, in order
+    calls: list[tuple[int, int]] = field(default_factory=list)
     #: frames in the range no reference reaches in the chosen direction
     unreachable: list[int] = field(default_factory=list)
     #: earlier predictions left as they are (up to date)
@@ -112,53 +112,33 @@ class RunPlan:
     changed: list[int] = field(default_factory=list)
 
 
-def affected(c: int, refs: Sequence[int], n: int, direction: Direction) -> range | list[int]:
-    """Frames whose prediction depends on reference ``c``: those after it up to the next
-    reference (forward), before it back to the previous one (backward), or both."""
-    after = [r for r in refs if r > c]
-    before = [r for r in refs if r < c]
-    fwd = range(c + 1, after[0] if after else n)
-    bwd = range(before[-1] + 1 if before else 0, c)
-    if direction == "forward":
-        return fwd
-    if direction == "backward":
-        return bwd
-    return [*bwd, *fwd]
-
-
 def plan_run(
     infos: Sequence[FrameInfo],
     keys: Sequence[str],
     ledger: dict,
     direction: Direction,
-    lo: int,
-    hi: int,
+    start: int,
+    stop: int,
     overwrite: Overwrite,
     sig: str,
 ) -> RunPlan:
-    """Decide which frames in ``lo..hi`` (inclusive) a run computes.
+    """Decide which frames of ``[start, stop)`` a run computes, and the engine calls for them
+    (the engine's own planner, core/plan.py, decides what a reference reaches).
 
     Raises InputError when there is no painted frame to start from.
     """
     n = len(infos)
-    if direction not in ("forward", "backward", "both"):
-        raise InputError(f"direction must be forward, backward or both, not {direction!r}")
-    lo, hi = max(0, lo), min(n - 1, hi)
-    if lo > hi:
-        raise InputError(f"the frame range {lo}..{hi} is empty")
+    check_direction(direction)
+    start, stop = max(0, start), min(n, stop)
+    if start >= stop:
+        raise InputError(f"the frame range {start}..{stop - 1} is empty")
     refs = [t for t, f in enumerate(infos) if f.state is State.PAINTED]
     if not refs:
         raise InputError(
             "no painted frame: paint the objects on at least one frame of the labels layer"
         )
     ref_hash = {keys[t]: infos[t].hash for t in refs}
-
-    def reachable(t: int) -> bool:
-        if direction == "forward":
-            return t > refs[0]
-        if direction == "backward":
-            return t < refs[-1]
-        return True
+    reached = reachable(refs, n, direction)
 
     # Per earlier run: the frames affected by references that changed since that run.
     stale_by_run: dict[str, set[int] | None] = {}
@@ -176,11 +156,11 @@ def plan_run(
             if k in key_to_t:  # a reference of another sequence (other z / time) is irrelevant
                 c = key_to_t[k]
                 changed.add(c)
-                stale.update(affected(c, refs, n, direction))
+                stale.update(depends_on(c, refs, n, direction))
         stale_by_run[run_id] = stale
 
     write, unreachable, kept = [], [], []
-    for t in range(lo, hi + 1):
+    for t in range(start, stop):
         info = infos[t]
         if info.state is State.PAINTED:
             continue
@@ -193,7 +173,7 @@ def plan_run(
                 if stale is not None and t not in stale:
                     kept.append(t)
                     continue
-        if not reachable(t):
+        if t not in reached:
             unreachable.append(t)
             continue
         write.append(t)
@@ -201,48 +181,11 @@ def plan_run(
     return RunPlan(
         references=refs,
         write=write,
-        blocks=_blocks(write),
+        calls=covering_calls(write, refs, direction),
         unreachable=unreachable,
         kept=kept,
         changed=sorted(changed),
     )
-
-
-def _blocks(frames: Sequence[int]) -> list[tuple[int, int]]:
-    """Contiguous runs of frame indices as [start, stop) ranges."""
-    blocks: list[tuple[int, int]] = []
-    for t in frames:
-        if blocks and blocks[-1][1] == t:
-            blocks[-1] = (blocks[-1][0], t + 1)
-        else:
-            blocks.append((t, t + 1))
-    return blocks
-
-
-def engine_calls(plan: RunPlan, direction: Direction, n: int) -> list[tuple[int, int]]:
-    """The [start, stop) ranges to hand ``Propagator.propagate`` so it computes every frame of
-    ``plan.write``: one call per gap between references, starting on the reference(s) the
-    engine propagates from (it needs one inside the range) and computing a gap once however
-    many pieces of it are written."""
-    refs = plan.references
-    gaps: dict[tuple[int | None, int | None], list[int]] = {}
-    for t in plan.write:
-        before = [r for r in refs if r < t]
-        after = [r for r in refs if r > t]
-        gap = (before[-1] if before else None, after[0] if after else None)
-        gaps.setdefault(gap, []).append(t)
-    calls = []
-    for (p, q), frames in sorted(gaps.items(), key=lambda kv: kv[1][0]):
-        first, last = frames[0], frames[-1]
-        if direction == "forward":
-            assert p is not None
-            calls.append((p, last + 1))
-        elif direction == "backward":
-            assert q is not None
-            calls.append((first, q + 1))
-        else:
-            calls.append((first if p is None else p, last + 1 if q is None else q + 1))
-    return calls
 
 
 def record_run(ledger: dict, sig: str, references: dict[str, str]) -> str:

@@ -34,14 +34,14 @@ from napari.qt.threading import thread_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
 
-from napari_stm.core.config import algorithm_settings
+from napari_stm.core.config import Direction, algorithm_settings
 from napari_stm.core.engine import PropagationConfig, Propagator
 from napari_stm.core.errors import CheckpointError, InputError
 from napari_stm.core.model import VOSNetwork
 from napari_stm.core.weights import available_models, default_model_name, get_spec, load_model
 from napari_stm.napari import _ledger as ledger_mod
 from napari_stm.napari._gl_compat import import_triton_safely
-from napari_stm.napari._ledger import Direction, FrameInfo, Overwrite, RunPlan, State
+from napari_stm.napari._ledger import FrameInfo, Overwrite, RunPlan, State
 from napari_stm.napari._sequence import LayerFrames, SequenceView, make_view
 
 if TYPE_CHECKING:
@@ -83,7 +83,6 @@ class Job:
     frames: LayerFrames
     references: dict[int, np.ndarray]
     plan: RunPlan
-    calls: list[tuple[int, int]]
     direction: Direction
     config: PropagationConfig
     model_key: tuple[str, str, str]
@@ -320,17 +319,18 @@ class PropagateWidget(Container):
         return min(max(t, 0), view.n_frames - 1)
 
     def _frame_range(self, image: Image, view: SequenceView, direction: str) -> tuple[int, int]:
+        """The ``[start, stop)`` frames the choice names (the spin boxes show first and last)."""
         n = view.n_frames
         if self._range.value == FROM_CURRENT:
             cur = self._current_frame(image, view)
             if direction == "forward":
-                return cur, n - 1
+                return cur, n
             if direction == "backward":
-                return 0, cur
-            return 0, n - 1
+                return 0, cur + 1
+            return 0, n
         if self._range.value == START_STOP:
-            return int(self._start.value), int(self._stop.value)
-        return 0, n - 1
+            return int(self._start.value), int(self._stop.value) + 1
+        return 0, n
 
     def _settings(self) -> tuple[str, str, str, PropagationConfig]:
         name = str(self._model.value)
@@ -361,12 +361,12 @@ class PropagateWidget(Container):
             context=view.context_key(),
             **algorithm_settings(config),
         )
-        lo, hi = self._frame_range(image, view, direction)
+        start, stop = self._frame_range(image, view, direction)
         plan = ledger_mod.plan_run(
-            infos, keys, ledger, direction, lo, hi, Overwrite(self._overwrite.value), sig
+            infos, keys, ledger, direction, start, stop, Overwrite(self._overwrite.value), sig
         )
         if not plan.write:
-            show_info(f"napari-stm: nothing to do in frames {lo}..{hi}: {_explain(plan)}")
+            show_info(f"napari-stm: nothing to do in frames {start}..{stop - 1}: {_explain(plan)}")
             self._update_status(infos)
             return None
         for t in plan.references:
@@ -377,7 +377,6 @@ class PropagateWidget(Container):
                     f"{top if top > 255 else int(frames[t].min())}: objects must be numbered "
                     "1 to 255"
                 )
-        calls = ledger_mod.engine_calls(plan, direction, n)
         references = set(plan.references)
 
         before = ledger_mod.snapshot(ledger)
@@ -393,15 +392,12 @@ class PropagateWidget(Container):
             frames=LayerFrames(data, view),
             references={t: np.array(frames[t], copy=True) for t in plan.references},
             plan=plan,
-            calls=calls,
             direction=direction,
             config=config,
             model_key=(name, weights, device),
             run_id=run_id,
             planned_hash={t: infos[t].hash for t in plan.write},
-            total=sum(
-                1 for start, stop in calls for t in range(start, stop) if t not in references
-            ),
+            total=sum(1 for a, b in plan.calls for t in range(a, b) if t not in references),
         )
 
     # -- running ------------------------------------------------------------------------------
@@ -636,7 +632,7 @@ def _propagate(
         prop = Propagator(model, job.frames, job.config)
         for t, labels in job.references.items():
             prop.add_reference(t, labels)
-        for start, stop in job.calls:
+        for start, stop in job.plan.calls:
             for res in prop.propagate(job.direction, start, stop, cancel=cancel):
                 if not res.is_reference:
                     yield ("frame", res.t, res.labels)

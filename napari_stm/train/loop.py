@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from napari_stm.core.atomic import atomic_path
 from napari_stm.core.errors import CheckpointError, InputError
 from napari_stm.core.model import QueryFeatures
 from napari_stm.core.readout import motion_prior
@@ -185,9 +186,8 @@ def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContext
 
 def _atomic_save(obj: object, path: Path) -> None:
     # A crash mid-write must never leave a truncated checkpoint where a good one was.
-    tmp = path.with_name(path.name + ".part")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 class Trainer:
@@ -458,7 +458,6 @@ def plot_loss_curve(log_path: Path, png_path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png_path.with_name(png_path.stem + ".part.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(png_path, suffix=".part.png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, png_path)

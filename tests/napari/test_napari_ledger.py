@@ -20,7 +20,7 @@ def _plan(
     keys = [str(t) for t in range(len(labels))]
     infos = L.classify(labels, keys, ledger)
     hi = len(labels) - 1 if hi is None else hi
-    return L.plan_run(infos, keys, ledger, direction, lo, hi, overwrite, sig), infos, keys
+    return L.plan_run(infos, keys, ledger, direction, lo, hi + 1, overwrite, sig), infos, keys
 
 
 def _simulate_run(labels, ledger, plan, infos, keys, value=9, sig=SIG):
@@ -56,10 +56,10 @@ def test_first_run_writes_every_unpainted_frame_reachable():
     plan, *_ = _plan(labels, ledger, "forward")
     assert plan.references == [3] and plan.write == [4, 5, 6, 7]
     assert plan.unreachable == [0, 1, 2]
-    assert L.engine_calls(plan, "forward", 8) == [(3, 8)]
+    assert plan.calls == [(3, 8)]
     plan, *_ = _plan(labels, ledger, "both")
     assert plan.write == [0, 1, 2, 4, 5, 6, 7]
-    assert L.engine_calls(plan, "both", 8) == [(0, 4), (3, 8)]
+    assert plan.calls == [(0, 4), (3, 8)]
 
 
 def test_no_painted_frame_is_an_error():
@@ -81,7 +81,7 @@ def test_correction_recomputes_only_up_to_the_next_reference():
     labels[3] = 2  # correction on a predicted frame
     plan, *_ = _plan(labels, ledger, "forward")
     assert plan.write == [4, 5, 6] and plan.changed == [3]
-    assert L.engine_calls(plan, "forward", 10) == [(3, 7)]
+    assert plan.calls == [(3, 7)]
 
 
 def test_correction_with_both_directions_recomputes_its_two_neighbouring_gaps():
@@ -94,7 +94,7 @@ def test_correction_with_both_directions_recomputes_its_two_neighbouring_gaps():
     labels[5] = 2
     plan, *_ = _plan(labels, ledger, "both", sig=sig)
     assert plan.write == [1, 2, 3, 4, 6, 7, 8, 9]
-    assert L.engine_calls(plan, "both", 12) == [(0, 6), (5, 11)]
+    assert plan.calls == [(0, 6), (5, 11)]
 
 
 def test_erased_reference_and_other_settings():
@@ -122,7 +122,7 @@ def test_overwrite_modes_and_range():
     assert plan.write == [4, 5, 6, 7]
     plan, *_ = _plan(labels, ledger, "forward", lo=2, hi=5, overwrite=Overwrite.ALL)
     assert plan.write == [2, 3, 4, 5]
-    assert L.engine_calls(plan, "forward", 8) == [(0, 6)]
+    assert plan.calls == [(0, 6)]
 
 
 def test_prune_forgets_frames_people_changed_and_unused_runs():

@@ -1,0 +1,151 @@
+"""Named models: how to build each, where its default weights come from, which is the default.
+
+``factory`` strings are imported only when a model is built, so listing the registry imports no
+network code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from napari_stm.core.errors import CheckpointError
+from napari_stm.core.model import VOSNetwork
+from napari_stm.core.weights.download import check_sha256_format
+
+StateDict = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one named model and where its weights come from.
+
+    ``factory`` is ``"module:Class"`` (imported only when the model is built, so listing the
+    registry imports no network code) or any zero-argument callable returning a
+    :class:`VOSNetwork`. ``weights`` is the default checkpoint: None, a path (relative paths are
+    inside the ``napari_stm`` package) or an http(s) URL, pinned by ``sha256``.
+    ``weights_source`` tells users where to get weights when they are required but not given.
+    ``key_map`` turns a checkpoint in a foreign layout into this model's parameter names; it runs
+    after a DataParallel ``module.`` prefix has been stripped.
+    """
+
+    name: str
+    factory: str | Callable[[], VOSNetwork]
+    description: str
+    weights: str | None = None
+    sha256: str | None = None
+    weights_required: bool = False
+    weights_source: str | None = None
+    key_map: Callable[[StateDict], StateDict] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c.isspace() for c in self.name):
+            raise ValueError(f"model name must be a non-empty word, got {self.name!r}")
+        if isinstance(self.factory, str) and self.factory.count(":") != 1:
+            raise ValueError(
+                f"model {self.name!r}: factory must be 'module:Class', got {self.factory!r}"
+            )
+        if self.sha256 is not None:
+            check_sha256_format(self.sha256)
+
+    def build(self) -> VOSNetwork:
+        """Construct the network (randomly initialised unless its constructor loads weights)."""
+        factory = self.factory
+        if isinstance(factory, str):
+            module_name, attr = factory.split(":")
+            try:
+                factory = getattr(importlib.import_module(module_name), attr)
+            except (ImportError, AttributeError) as e:
+                raise ImportError(
+                    f"model {self.name!r}: cannot import its factory {self.factory!r}: {e}"
+                ) from e
+        model = factory()
+        if not isinstance(model, VOSNetwork):
+            raise TypeError(
+                f"model {self.name!r}: factory {self.factory!r} returned "
+                f"{type(model).__name__}, not a VOSNetwork"
+            )
+        model.name = self.name
+        return model
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec, *, replace: bool = False) -> ModelSpec:
+    """Add a named model. Re-registering a name needs ``replace=True``."""
+    if spec.name in _REGISTRY and not replace:
+        raise ValueError(f"model {spec.name!r} is already registered (pass replace=True)")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def unregister(name: str) -> ModelSpec:
+    """Remove a named model and return its spec."""
+    spec = get_spec(name)
+    del _REGISTRY[name]
+    return spec
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        names = ", ".join(_REGISTRY) or "none"
+        raise CheckpointError(f"unknown model {name!r}; available models: {names}") from None
+
+
+#: the model every adapter uses when none is named: trained by us and bundled, so it works
+#: offline the moment the package is installed
+DEFAULT_MODEL = "stm-lite"
+
+
+def default_model_name() -> str:
+    """The model adapters use when none is named (the bundled ``stm-lite``)."""
+    return DEFAULT_MODEL if DEFAULT_MODEL in _REGISTRY else next(iter(_REGISTRY))
+
+
+def available_models() -> dict[str, str]:
+    """Registered model names and their one-line descriptions, in registration order."""
+    return {name: spec.description for name, spec in _REGISTRY.items()}
+
+
+# --------------------------------------------------------------------------- the models
+
+OFFICIAL_STM_WEIGHTS_URL = "https://www.dropbox.com/s/mtfxdr93xc3q55i/STM_weights.pth?dl=1"
+
+register(
+    ModelSpec(
+        name="stm-resnet50",
+        factory="napari_stm.core.network:STM",
+        description="STM (Oh et al., ICCV 2019), ResNet-50 encoders; loads the official "
+        "STM_weights.pth",
+        weights_required=True,
+        weights_source=(
+            "the official STM_weights.pth by the STM authors, licensed CC BY-NC-SA 4.0 "
+            f"(non-commercial): {OFFICIAL_STM_WEIGHTS_URL}"
+        ),
+    )
+)
+register(
+    ModelSpec(
+        name="stm-lite",
+        factory="napari_stm.core.stm_lite:STMLite",
+        description="STM on an ImageNet EfficientNet-Lite0, trained by us (docs/model_card.md); "
+        "bundled, the default; works at 512 pixels a side unless --max-side says otherwise; "
+        "weights for non-commercial research use",
+        weights="weights/stm_lite.pth",
+        sha256="c478ad84843370379406636a80669b471e3d358c965bde98efd6bd235b6a7968",
+    )
+)
+register(
+    ModelSpec(
+        name="lite0-match",
+        factory="napari_stm.core.lite0_match:Lite0Match",
+        description="ImageNet EfficientNet-Lite0 features matched across frames; needs no "
+        "trained weights",
+    )
+)
