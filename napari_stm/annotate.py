@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_stm.core.atomic import atomic_path
 from napari_stm.core.errors import InputError
 from napari_stm.metrics import db_eval_iou
 
@@ -186,18 +187,18 @@ class Annotator:
         """This state (references, every frame's labels and scores) and the rows so far."""
         ts = list(range(self.seq.start, self.seq.stop))
         picked = [r.frame for r in rows if r.frame is not None]
-        tmp = path.with_name(f".{path.name}.part.npz")
-        np.savez_compressed(
-            tmp,
-            picked=np.array(picked, dtype=np.int64),
-            labels=np.stack([self.labels[t] for t in ts]),
-            confidence=np.array([[c for c, _, _ in self.objects[t]] for t in ts]),
-            j=np.array([[j for _, j, _ in self.objects[t]] for t in ts]),
-            flags=np.array([[f for _, _, f in self.objects[t]] for t in ts], dtype=str),
-            rows=np.array(json.dumps([asdict(r) for r in rows])),
-            frame_rows=np.array(json.dumps(frame_rows)),
-        )
-        os.replace(tmp, path)
+        # numpy appends .npz to a name without it
+        with atomic_path(path, suffix=".part.npz") as tmp:
+            np.savez_compressed(
+                tmp,
+                picked=np.array(picked, dtype=np.int64),
+                labels=np.stack([self.labels[t] for t in ts]),
+                confidence=np.array([[c for c, _, _ in self.objects[t]] for t in ts]),
+                j=np.array([[j for _, j, _ in self.objects[t]] for t in ts]),
+                flags=np.array([[f for _, _, f in self.objects[t]] for t in ts], dtype=str),
+                rows=np.array(json.dumps([asdict(r) for r in rows])),
+                frame_rows=np.array(json.dumps(frame_rows)),
+            )
 
     def load(self, path: Path) -> tuple[list[Round], list[tuple]]:
         """Continue from :meth:`save`: references given again, scores as saved."""
@@ -419,12 +420,10 @@ def write_csv(rows: list[Round], path: str | os.PathLike) -> Path:
 def _write_rows(path: str | os.PathLike, header: Sequence[str], rows: list[tuple]) -> Path:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.part")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(target) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
-    os.replace(tmp, target)
     return target
 
 

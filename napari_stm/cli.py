@@ -452,16 +452,11 @@ def write_report(path: str | os.PathLike, rows: list[tuple[int, int, float, int,
 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.part")
-    try:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(REPORT_COLUMNS)
-            for t, obj, conf, area, flag in sorted(rows, key=lambda r: (r[0], r[1])):
-                writer.writerow((t, obj, f"{conf:.4f}", area, flag))
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(target) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(REPORT_COLUMNS)
+        for t, obj, conf, area, flag in sorted(rows, key=lambda r: (r[0], r[1])):
+            writer.writerow((t, obj, f"{conf:.4f}", area, flag))
     return target
 
 
