@@ -143,6 +143,18 @@ register(
 )
 register(
     ModelSpec(
+        name="stm-lite-cells",
+        factory="napari_stm.core.stm_lite:STMLite",
+        description="stm-lite fine-tuned on microscopy time-lapses (fluorescent nuclei, DIC "
+        "cells) and DAVIS on 5-frame clips (docs/model_card.md); bundled; choose it for "
+        "microscopy (masks keep their size over long time-lapses), stm-lite for natural "
+        "video; weights for non-commercial research use",
+        weights="weights/stm_lite_cells.pth",
+        sha256="7b9c74b12bd94ae2d9c27f421acb0bcf96840964cb47ed9434907175a0483ea6",
+    )
+)
+register(
+    ModelSpec(
         name="lite0-match",
         factory="napari_stm.core.lite0_match:Lite0Match",
         description="ImageNet EfficientNet-Lite0 features matched across frames; needs no "
