@@ -608,7 +608,33 @@ def _run_jobs(jobs: list[Job], args: argparse.Namespace, out: Path) -> int:
     _write_summary(out, jobs, rows)
 
     bar = tqdm(total=len(jobs), initial=len(rows), unit="video", disable=args.quiet, desc="videos")
-    ray, started_here = _connect(args, todo)
+    try:
+        if todo:
+            _run_on_ray(todo, args, out, jobs, rows, bar)
+    finally:
+        bar.close()
+    failed = [r for r in rows.values() if r["status"] == "failed"]
+    done = sum(r["status"] == "done" for r in rows.values())
+    skipped = sum(r["status"] == "skipped" for r in rows.values())
+    print(
+        f"{done} filled, {skipped} already complete, {len(failed)} failed; "
+        f"summary: {out / SUMMARY}",
+        file=sys.stderr,
+    )
+    for r in failed:
+        print(f"  {r['name']}: {r['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _run_on_ray(
+    todo: list[Job],
+    args: argparse.Namespace,
+    out: Path,
+    jobs: list[Job],
+    rows: dict[str, dict[str, Any]],
+    bar: Any,
+) -> None:
+    ray, started_here = _connect(args)
     pending: dict[Any, Job] = {}
     try:
         task = ray.remote(fill_video).options(
@@ -634,38 +660,26 @@ def _run_jobs(jobs: list[Job], args: argparse.Namespace, out: Path) -> int:
             ray.cancel(ref, force=True)
         raise
     finally:
-        bar.close()
         if started_here:
             ray.shutdown()
-    failed = [r for r in rows.values() if r["status"] == "failed"]
-    done = sum(r["status"] == "done" for r in rows.values())
-    skipped = sum(r["status"] == "skipped" for r in rows.values())
-    print(
-        f"{done} filled, {skipped} already complete, {len(failed)} failed; "
-        f"summary: {out / SUMMARY}",
-        file=sys.stderr,
-    )
-    for r in failed:
-        print(f"  {r['name']}: {r['error']}", file=sys.stderr)
-    return 1 if failed else 0
 
 
-def _connect(args: argparse.Namespace, todo: list[Job]) -> tuple[Any, bool]:
+def _connect(args: argparse.Namespace) -> tuple[Any, bool]:
     """Ray, connected to the cluster the arguments name; True when started here."""
-    ray = import_ray()
-    if not todo:
-        return ray, False
-    if ray.is_initialized():  # a program (or test) that connected to its cluster already
-        started_here = False
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        # A program (or a test) that connected to its cluster already.
+        ray, started_here = sys.modules["ray"], False
     elif args.address:
+        ray = import_ray()
         try:
             ray.init(address=args.address, logging_level="WARNING", log_to_driver=False)
         except (ConnectionError, ValueError, RuntimeError) as err:
             raise InputError(f"cannot connect to the Ray cluster at {args.address}: {err}") from err
         started_here = False
     else:
+        # Not imported before this: Ray reads its loopback switch at import.
         workers = args.workers or max(1, int((os.cpu_count() or 1) // args.cpus_per_video))
-        start_local_cluster(workers * args.cpus_per_video)
+        ray = start_local_cluster(workers * args.cpus_per_video)
         started_here = True
     gpus = ray.cluster_resources().get("GPU", 0)
     if args.gpus_per_video > gpus:

@@ -11,6 +11,8 @@ import importlib.util
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -83,6 +85,29 @@ def ray_cluster():
 
 
 # --------------------------------------------------------------------------- on the cluster
+
+
+@needs_ray
+def test_command_starts_its_own_local_cluster(tmp_path):
+    """The command as a user runs it: a fresh process that starts (and stops) its own cluster,
+    on 127.0.0.1 only (the command refuses to run otherwise). First in the module: before the
+    shared cluster exists."""
+    fdir, mdir = write_video(tmp_path / "data", "clip", n_frames=3, seed=2)
+    manifest = write_manifest(
+        tmp_path / "videos.csv", [{"name": "one", "frames": str(fdir), "masks": str(mdir)}]
+    )
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "napari_stm.cli", "batch", str(manifest), "--out", str(out)]
+    done = subprocess.run(
+        [*command, "--model", MODEL, "--workers", "1", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    propagate(fdir, mdir, tmp_path / "sequential")
+    assert_same_files(out / "one", tmp_path / "sequential")
+    assert summary(out)["one"]["status"] == "done"
 
 
 @needs_ray
