@@ -43,13 +43,16 @@ from pathlib import Path
 from typing import Any
 
 from napari_stm.core.atomic import atomic_path
-from napari_stm.core.engine import PropagationConfig
+from napari_stm.core.config import (
+    AlgorithmConfig,
+    PropagationConfig,
+    RuntimeConfig,
+    algorithm_settings,
+)
 from napari_stm.core.errors import CheckpointError, InputError
 
 #: columns every manifest has
 REQUIRED = ("name", "frames", "masks")
-#: where the device comes from: the cluster's placement (--gpus-per-video), never a row
-PLACED = ("device",)
 SUMMARY = "summary.csv"
 SUMMARY_COLUMNS = ("name", "frames", "seconds", "status", "error")
 #: the batch's own folder inside DIR (staging, records, lock)
@@ -77,14 +80,11 @@ class Video:
 
 
 def row_options() -> dict[str, Any]:
-    """Engine settings a manifest column may set: {field name: type}, from the config
-    dataclass itself (a new setting is a new column with no change here)."""
-    hints = typing.get_type_hints(PropagationConfig)
-    return {
-        f.name: hints[f.name]
-        for f in dataclasses.fields(PropagationConfig)
-        if f.init and f.name not in PLACED
-    }
+    """Engine settings a manifest column may set: {field name: type}: the settings that change
+    a video's labels (:class:`AlgorithmConfig`, so a new setting is a new column with no change
+    here). Runtime settings (device, compile ...) belong to the cluster and the command line."""
+    hints = typing.get_type_hints(AlgorithmConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(AlgorithmConfig) if f.init}
 
 
 def _convert(text: str, kind: Any) -> Any:
@@ -166,9 +166,11 @@ def read_manifest(path: str | os.PathLike, defaults: PropagationConfig) -> list[
     for column in header:
         if column in REQUIRED or column in options:
             continue
+        runtime = {f.name for f in dataclasses.fields(RuntimeConfig)}
         why = (
-            "the device follows --gpus-per-video"
-            if column in PLACED
+            "a runtime setting: it is the command line's for every video (the device follows "
+            "--gpus-per-video)"
+            if column in runtime
             else "known columns: " + ", ".join([*REQUIRED, *options])
         )
         raise InputError(f"manifest '{path}', line 1: unknown column {column!r} ({why})")
@@ -249,9 +251,7 @@ class Job:
 
     def fingerprint(self) -> dict[str, Any]:
         """What the output of this job depends on (compared as JSON with a record's)."""
-        settings = dataclasses.asdict(self.video.config)
-        for name in PLACED:
-            settings.pop(name, None)
+        settings = algorithm_settings(self.video.config)
         data = {
             "frames": self.video.frames,
             "masks": self.video.masks,

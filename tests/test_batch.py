@@ -209,21 +209,21 @@ def test_manifest_columns_come_from_the_config(tmp_path, inputs):
         tmp_path / "m.csv",
         [
             {"name": "a", "frames": str(fdir), "masks": str(mdir), "top_k": "none",
-             "max_side": "64", "memory": "official", "compile": "true"},
+             "max_side": "64", "memory": "official", "normalize": "none"},
             {"name": "b", "frames": "clip/frames", "masks": "clip/masks", "top_k": "",
-             "max_side": "", "memory": "", "compile": ""},
+             "max_side": "", "memory": "", "normalize": ""},
         ],
     )  # fmt: skip
     defaults = PropagationConfig(top_k=5, max_side=128)
     a, b = batch.read_manifest(manifest, defaults)
-    assert (a.config.top_k, a.config.max_side, a.config.memory, a.config.compile) == (
+    assert (a.config.top_k, a.config.max_side, a.config.memory, a.config.normalize) == (
         None,
         64,
         "official",
-        True,
+        "none",
     )
     assert b.config == defaults and b.frames == str(fdir.resolve())
-    assert "device" not in batch.row_options()
+    assert not {"device", "compile", "prefetch"} & set(batch.row_options())
     assert set(batch.row_options()) >= {"memory", "mem_every", "max_memory", "confidence_gate"}
 
 
@@ -232,6 +232,7 @@ def test_manifest_columns_come_from_the_config(tmp_path, inputs):
     [
         ({"name": "a", "frames": "F", "masks": "M", "colour": "red"}, "unknown column 'colour'"),
         ({"name": "a", "frames": "F", "masks": "M", "device": "cuda"}, "--gpus-per-video"),
+        ({"name": "a", "frames": "F", "masks": "M", "compile": "true"}, "a runtime setting"),
         ({"name": "a", "frames": "F"}, "missing column(s) 'masks'"),
         ({"name": "a", "frames": "F", "masks": "M", "max_side": "big"}, "column 'max_side'"),
         ({"name": "a", "frames": "F", "masks": "M", "memory": "all"}, "line 2, column 'memory'"),
