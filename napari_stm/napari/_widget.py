@@ -9,6 +9,7 @@ written there, so the GUI stays responsive and a cancelled run leaves only whole
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import threading
@@ -37,6 +38,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from napari_stm.core.config import Direction, algorithm_settings
 from napari_stm.core.engine import PropagationConfig, Propagator
 from napari_stm.core.errors import CheckpointError, InputError
+from napari_stm.core.frames import check_labels
 from napari_stm.core.model import VOSNetwork
 from napari_stm.core.weights import available_models, default_model_name, get_spec, load_model
 from napari_stm.napari import _ledger as ledger_mod
@@ -112,8 +114,15 @@ class PropagateWidget(Container):
         super().__init__(labels=True)
         self._viewer = viewer
         self._image = create_widget(annotation=Image, label="image")
-        self._labels = create_widget(annotation=Labels, label="labels")
-        self._channel = SpinBox(label="channel", min=0, max=0, visible=False)
+        self._labels_layer = create_widget(annotation=Labels, label="labels")
+        self._channel = SpinBox(
+            label="channel",
+            min=0,
+            max=0,
+            visible=False,
+            tooltip="The image has this axis and the labels layer does not: frames are read "
+            "at this index of it.",
+        )
         self._along_z = CheckBox(
             text="treat 3D stack as a sequence along z",
             tooltip="Propagate through z (the axis before Y, X) at the current time point, "
@@ -180,7 +189,7 @@ class PropagateWidget(Container):
         self.extend(
             [
                 self._image,
-                self._labels,
+                self._labels_layer,
                 self._channel,
                 self._along_z,
                 self._model,
@@ -202,7 +211,7 @@ class PropagateWidget(Container):
         self._cancel_button.changed.connect(self.cancel)
         self._undo_button.changed.connect(self.undo)
         self._range.changed.connect(self._on_range)
-        for w in (self._image, self._labels, self._along_z):
+        for w in (self._image, self._labels_layer, self._along_z):
             w.changed.connect(self._update_layout)
 
         self._models: dict[tuple[str, str, str], VOSNetwork] = {}
@@ -221,7 +230,16 @@ class PropagateWidget(Container):
         #: frames the last run wrote, and those left alone because a person painted them mid-run
         self.last_written: list[int] = []
         self.last_skipped: list[int] = []
+        #: set when the dock widget's Qt side is gone (viewer closed): a run still going must
+        #: not touch a deleted button when it ends
+        self._closed = False
+        self._watched: Labels | None = None
+        self._status_context: str | None = None
+        viewer.dims.events.current_step.connect(self._on_step)
+        self._labels_layer.changed.connect(self._watch_labels)
+        self.native.destroyed.connect(self._on_destroyed)
         self.reset_choices()
+        self._watch_labels(self._labels_layer.value)
         self._update_layout()
 
     # -- public API (buttons, tests) ----------------------------------------------------------
@@ -282,9 +300,44 @@ class PropagateWidget(Container):
             )
         self._update_status()
 
+    # -- lifetime -----------------------------------------------------------------------------
+    def _on_destroyed(self, *_: Any) -> None:
+        self._closed = True
+        self._cancel.set()
+        self._watch_labels(None)
+        with contextlib.suppress(TypeError, ValueError):
+            self._viewer.dims.events.current_step.disconnect(self._on_step)
+
+    def _watch_labels(self, layer: Labels | None) -> None:
+        """Follow painting on the chosen labels layer, so the status line stays true."""
+        old = self._watched
+        if old is not None:
+            for event in (old.events.paint, old.events.data):
+                with contextlib.suppress(TypeError, ValueError):
+                    event.disconnect(self._on_labels_changed)
+        self._watched = layer if isinstance(layer, Labels) else None
+        if self._watched is not None:
+            self._watched.events.paint.connect(self._on_labels_changed)
+            self._watched.events.data.connect(self._on_labels_changed)
+
+    def _on_labels_changed(self, *_: Any) -> None:
+        if not self._closed and not self.running:
+            self._update_status()
+
+    def _on_step(self, *_: Any) -> None:
+        # A 4D stack's sequence depends on the other axis' position: the status follows it.
+        if self._closed or self.running:
+            return
+        try:
+            view = self._view(*self._layers())
+        except InputError:
+            return
+        if view.context_key() != self._status_context:
+            self._update_status()
+
     # -- preparing a run ----------------------------------------------------------------------
     def _layers(self) -> tuple[Image, Labels]:
-        image, labels = self._image.value, self._labels.value
+        image, labels = self._image.value, self._labels_layer.value
         if image is None:
             raise InputError("choose an image layer (open an image or File > Open Sample)")
         if labels is None:
@@ -354,6 +407,8 @@ class PropagateWidget(Container):
         frames = [labels.data[view.labels_index(t)] for t in range(n)]
         ledger = ledger_mod.get_ledger(labels.metadata)
         infos = ledger_mod.classify(frames, keys, ledger)
+        if not any(f.state is State.PAINTED for f in infos):
+            raise InputError(self._nothing_painted(labels, view))
         sig = ledger_mod.signature(
             model=name,
             weights=weights,
@@ -370,13 +425,9 @@ class PropagateWidget(Container):
             self._update_status(infos)
             return None
         for t in plan.references:
-            top = int(frames[t].max())
-            if top > 255 or int(frames[t].min()) < 0:
-                raise InputError(
-                    f"frame {t} of the labels layer holds label "
-                    f"{top if top > 255 else int(frames[t].min())}: objects must be numbered "
-                    "1 to 255"
-                )
+            # Any non-negative integer id: the engine keeps them (Cell Tracking Challenge ids
+            # pass 255). Checked here so that a bad one is named before the model loads.
+            check_labels(frames[t], view.frame_size, f"frame {t} of the labels layer")
         references = set(plan.references)
 
         before = ledger_mod.snapshot(ledger)
@@ -458,7 +509,7 @@ class PropagateWidget(Container):
 
     def _handle(self, item: tuple) -> None:
         job = self._job
-        if job is None:
+        if job is None or self._closed:
             return
         if item[0] == "error":
             self._error = item[1]
@@ -511,6 +562,11 @@ class PropagateWidget(Container):
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
+        if self._closed:
+            # The viewer was closed during the run: its buttons are deleted C++ objects, and
+            # touching one from this slot would abort Python.
+            self._pending_undo = None
+            return
         self._run_button.enabled = True
         self._cancel_button.enabled = False
         if job is not None and self.last_written:
@@ -558,6 +614,7 @@ class PropagateWidget(Container):
             return
         if view.channel_axis is not None:
             self._channel.max = view.image_shape[view.channel_axis] - 1
+            self._channel.label = self._extra_axis_name(image, view.channel_axis)
             self._channel.visible = True
         else:
             self._channel.visible = False
@@ -577,12 +634,64 @@ class PropagateWidget(Container):
             keys = [view.frame_key(t) for t in range(view.n_frames)]
             frames = (labels.data[view.labels_index(t)] for t in range(view.n_frames))
             infos = ledger_mod.classify(frames, keys, ledger_mod.get_ledger(labels.metadata))
+            self._status_context = view.context_key()
+            where = self._where(view)
+        else:
+            where = ""
         painted = [t for t, f in enumerate(infos) if f.state is State.PAINTED]
         predicted = sum(f.state is State.PREDICTED for f in infos)
         empty = sum(f.state is State.EMPTY for f in infos)
+        # "frame 0", not "frames: 0", which read as a count of none.
+        shown = (
+            "none yet: paint the objects on a frame"
+            if not painted
+            else f"frame{'s' if len(painted) > 1 else ''} {_short(painted)}"
+        )
         self._status.value = (
-            f"painted frames: {_short(painted)}\npredicted: {predicted}, empty: {empty} "
+            f"{where}painted: {shown}\npredicted {predicted}, empty {empty}, "
             f"of {len(infos)} frames"
+        )
+
+    def _axis_names(self, layer: Image | Labels) -> list[str]:
+        """The viewer's names of a layer's data axes (napari's default names are numbers)."""
+        labels = list(self._viewer.dims.axis_labels)
+        nd = layer.ndim
+        names = labels[len(labels) - nd :] if len(labels) >= nd else [str(a) for a in range(nd)]
+        return [n if not n.isdigit() else f"axis {n}" for n in names]
+
+    def _extra_axis_name(self, image: Image, axis: int) -> str:
+        """What to call the image axis the labels lack: only a named channel axis is one."""
+        name = self._axis_names(image)[axis]
+        return "channel" if name.lower() in ("c", "ch", "channel", "channels") else name
+
+    def _where(self, view: SequenceView) -> str:
+        """Which sequence of a 4D stack the status is about ("at z=1: ")."""
+        image = self._image.value
+        if not view.fixed or image is None:
+            return ""
+        names = self._axis_names(image)
+        seq = names[view.seq_axis]
+        fixed = ", ".join(f"{names[a]}={i}" for a, i in view.fixed)
+        return f"along {seq} at {fixed}: "
+
+    def _nothing_painted(self, labels: Labels, view: SequenceView) -> str:
+        """No painted frame in this sequence: say where painted labels are, if anywhere."""
+        data = labels.data
+        lead = data.ndim - 2
+        if lead == 0 or not np.any(data):
+            return "no painted frame: paint the objects on at least one frame of the labels layer"
+        where = self._where(view).removesuffix(": ")
+        # Leading-axis positions of the labels layer that hold any label.
+        found = np.argwhere(np.any(data, axis=(-2, -1)))
+        names = self._axis_names(labels)
+        shown = "; ".join(
+            ", ".join(f"{names[a]}={int(i)}" for a, i in enumerate(pos)) for pos in found[:4]
+        )
+        more = f" and {len(found) - 4} more" if len(found) > 4 else ""
+        return (
+            f"no painted frame in this sequence ({where or 'the current one'}); the labels "
+            f"layer has painted frames at {shown}{more}: move the viewer there"
+            + ("" if self._along_z.value else " or tick 'treat 3D stack as a sequence along z'")
         )
 
 

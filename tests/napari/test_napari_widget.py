@@ -84,8 +84,9 @@ def test_widget_and_sample_open_from_the_manifest(make_napari_viewer):
     assert labels.data[0].any() and not labels.data[1:].any()
     widget = _add_widget(viewer)
     assert isinstance(widget, PropagateWidget)
-    assert widget._image.value is image and widget._labels.value is labels
-    assert "painted frames: 0" in widget._status.value
+    assert widget._image.value is image and widget._labels_layer.value is labels
+    # "painted frames: 0" read as a count of none.
+    assert "painted: frame 0\n" in widget._status.value
 
 
 def test_run_on_sample_fills_every_frame(make_napari_viewer, qtbot, messages):
@@ -343,10 +344,10 @@ def test_errors_are_notifications(make_napari_viewer, qtbot, messages, tmp_path)
     assert "no painted frame" in messages["error"][-1]
 
     labels = viewer.add_labels(np.zeros((4, 32, 32), np.int32))
-    labels.data[2, 4:12, 4:12] = 300
-    widget._labels.value = labels
+    labels.data[2, 4:12, 4:12] = -3
+    widget._labels_layer.value = labels
     assert widget.run() is None
-    assert "frame 2 of the labels layer holds label 300" in messages["error"][-1]
+    assert "frame 2 of the labels layer: object id -3 is negative" in messages["error"][-1]
 
     labels.data[2, 4:12, 4:12] = 1
     widget._model.value = "stm-resnet50"
@@ -372,3 +373,135 @@ def test_working_size_reaches_the_engine(make_napari_viewer):
     for choice, side in [("full size", 0), ("256 px", 256)]:
         widget._working_size.value = choice
         assert widget._settings()[3].max_side == side
+
+
+def test_field_names_show_when_opened_before_any_labels_layer(make_napari_viewer):
+    # The widget's labels-layer choice once overwrote magicgui's ``_labels`` (show field
+    # names) setting; an empty choice is falsy, so the names vanished.
+    from qtpy.QtWidgets import QLabel
+
+    viewer = make_napari_viewer()
+    widget = _add_widget(viewer)
+    texts = {w.text() for w in widget.native.findChildren(QLabel)}
+    assert {"image", "labels", "model", "direction"} <= texts, texts
+
+
+def test_ids_past_255_propagate(make_napari_viewer, qtbot, messages):
+    # Cell Tracking Challenge masks number their cells past 255.
+    frames, gt = sample_ground_truth(**TINY)
+    viewer = make_napari_viewer()
+    viewer.add_image(frames, contrast_limits=(0, 4000))
+    ids = np.unique(gt[0])[1:]
+    lut = np.zeros(int(gt.max()) + 1, np.int32)
+    lut[ids] = 1000 + ids
+    painted = np.zeros(gt.shape, np.int32)
+    painted[0] = lut[gt[0]]
+    labels = viewer.add_labels(painted)
+    widget = _add_widget(viewer)
+    _run(qtbot, widget)
+    assert messages["error"] == []
+    expected = _engine_labels(frames, {0: gt[0]})
+    np.testing.assert_array_equal(labels.data, lut[expected])
+
+
+def test_status_follows_painting_and_the_position_in_a_4d_stack(make_napari_viewer, qtbot):
+    frames, gt = sample_ground_truth(**TINY)
+    volume = np.stack([frames, frames])  # Z, T, Y, X: time at each of two z
+    volume = volume.transpose(1, 0, 2, 3)  # T, Z, Y, X
+    viewer = make_napari_viewer()
+    viewer.add_image(volume, contrast_limits=(0, 4000))
+    labels = viewer.add_labels(np.zeros(volume.shape, np.uint8))
+    viewer.dims.axis_labels = ("t", "z", "y", "x")
+    widget = _add_widget(viewer)
+    assert "painted: none" in widget._status.value
+    # Painting with the brush, as a person does, at t=3, z=1.
+    viewer.dims.set_current_step(0, 3)
+    viewer.dims.set_current_step(1, 1)
+    labels.selected_label = 2
+    labels.brush_size = 5
+    labels.paint((3, 1, 20, 20), 2)
+    assert "along t at z=1: painted: frame 3\n" in widget._status.value, widget._status.value
+    viewer.dims.set_current_step(1, 0)
+    assert "along t at z=0: painted: none" in widget._status.value, widget._status.value
+
+
+def test_no_painted_frame_here_says_where_they_are(make_napari_viewer, messages):
+    frames, gt = sample_ground_truth(**TINY)
+    volume = np.stack([frames, frames], axis=1)  # T, Z, Y, X
+    viewer = make_napari_viewer()
+    viewer.add_image(volume, contrast_limits=(0, 4000))
+    painted = np.zeros(volume.shape, np.uint8)
+    painted[0, 1] = gt[0]
+    viewer.add_labels(painted)
+    viewer.dims.axis_labels = ("t", "z", "y", "x")
+    viewer.dims.set_current_step(1, 0)
+    widget = _add_widget(viewer)
+    assert widget.run() is None
+    error = messages["error"][-1]
+    assert "no painted frame in this sequence (along t at z=0)" in error, error
+    assert "painted frames at t=0, z=1" in error, error
+
+
+def test_an_axis_the_labels_lack_is_not_called_a_channel(make_napari_viewer):
+    frames, gt = sample_ground_truth(**TINY)
+    volume = np.stack([frames, frames, frames], axis=1)  # T, Z, Y, X
+    viewer = make_napari_viewer()
+    viewer.add_image(volume, contrast_limits=(0, 4000))
+    viewer.add_labels(np.zeros(frames.shape, np.uint8))  # T, Y, X: no z
+    viewer.dims.axis_labels = ("t", "z", "y", "x")
+    widget = _add_widget(viewer)
+    widget._update_layout()
+    assert not widget._channel.native.isHidden()
+    assert widget._channel.label == "z"
+    viewer.dims.axis_labels = ("t", "c", "y", "x")
+    widget._update_layout()
+    assert widget._channel.label == "channel"
+
+
+CLOSE_DURING_RUN = """
+import sys, time
+import numpy as np
+import napari
+from napari.qt import get_qapp
+from napari_stm.napari._sample_data import make_sample_data
+
+viewer = napari.Viewer(show=True)
+for data, kwargs, kind in make_sample_data(n_frames=40, height=96, width=96, n_cells=3, seed=0):
+    getattr(viewer, f"add_{kind}")(data, **kwargs)
+_, widget = viewer.window.add_plugin_dock_widget("napari-stm", "Propagate labels")
+widget._model.value = "lite0-match"
+widget._device.value = "cpu"
+app = get_qapp()
+worker = widget.run()
+assert worker is not None
+done = []
+worker.finished.connect(lambda: done.append(1))
+while not widget.last_written:
+    app.processEvents()
+    time.sleep(0.01)
+viewer.close()
+deadline = time.time() + 120
+while not done and time.time() < deadline:
+    app.processEvents()
+    time.sleep(0.01)
+for _ in range(20):
+    app.processEvents()
+print("closed cleanly", bool(done))
+"""
+
+
+def test_closing_the_viewer_during_a_run_does_not_abort_python(tmp_path):
+    # A deleted QPushButton touched when the worker ended aborted the interpreter: only a
+    # separate process can show that. It inherits pytest-xvfb's display.
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "close_during_run.py"
+    script.write_text(CLOSE_DURING_RUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "closed cleanly True" in out.stdout, out.stderr[-3000:]
