@@ -1,9 +1,12 @@
-"""Regenerate docs/images/napari_widget.png: the viewer after a run on the sample data.
+"""Regenerate docs/images/napari_widget.png (the viewer after a run on the sample data, with the
+confidence strip), napari_unsure.png (after "next unsure frame") and napari_where_from.png (a
+pixel's memory read as layers).
 
     python benchmarks/napari_screenshot.py [--model NAME] [--frame T] [--out PATH]
 
 Opens napari with the sample time-lapse (first frame painted), docks the napari-stm widget,
-propagates, shows a frame in the middle of the stack and saves a screenshot of the whole window.
+propagates, shows a frame in the middle of the stack and saves a screenshot of the whole window;
+then presses "next unsure frame" and asks where a pixel of a late frame read from.
 Without a display it starts a virtual one (Xvfb, through pyvirtualdisplay). Prints the mean IoU
 of the run against the sample's ground truth.
 """
@@ -90,22 +93,49 @@ def shoot(args: argparse.Namespace) -> None:
     # Pop-up notifications (the run's summary, napari's own notices) would cover the canvas.
     from napari._qt.dialogs.qt_notification import NapariQtNotification
 
-    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
-        toast.close()
-    for _ in range(10):
-        app.processEvents()
-        time.sleep(0.02)
-    shot = viewer.screenshot(canvas_only=False, flash=False)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    # A palette PNG keeps the picture sharp and small (a screenshot has few colours).
-    Image.fromarray(shot[..., :3]).quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(
-        args.out, optimize=True
-    )
+    def settle() -> None:
+        for _ in range(20):
+            app.processEvents()
+            time.sleep(0.02)
+        for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+            toast.close()
+        for _ in range(10):
+            app.processEvents()
+            time.sleep(0.02)
+
+    def save(path: Path) -> None:
+        shot = viewer.screenshot(canvas_only=False, flash=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A palette PNG keeps the picture sharp and small (a screenshot has few colours).
+        Image.fromarray(shot[..., :3]).quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(
+            path, optimize=True
+        )
+        print(f"saved {path} ({path.stat().st_size // 1024} KB, {shot.shape[1]}x{shot.shape[0]})")
+
+    settle()
+    save(args.out)
     print(
         f"model {widget._model.value}: {len(widget.last_written)} frames in {elapsed:.1f} s, "
-        f"mean IoU {mean_iou(labels.data, gt):.3f}; saved {args.out} "
-        f"({args.out.stat().st_size // 1024} KB, {shot.shape[1]}x{shot.shape[0]})"
+        f"mean IoU {mean_iou(labels.data, gt):.3f}"
     )
+    viewer.dims.set_current_step(0, 0)
+    jumped = widget.next_unsure()
+    print(f"next unsure frame from 0: {jumped}")
+    settle()
+    save(args.out.with_name("napari_unsure.png"))
+
+    late = n - 2
+    ys, xs = np.nonzero(labels.data[late])
+    widget._where_from.value = True
+    if widget.explain(late, int(ys[len(ys) // 2]), int(xs[len(xs) // 2])) is None:
+        raise SystemExit("where from: nothing asked")
+    while widget.last_explanation is None:
+        app.processEvents()
+        time.sleep(0.02)
+    exp = widget.last_explanation
+    print(f"where from frame {late}: frames {exp.frames}, weights {np.round(exp.weights, 3)}")
+    settle()
+    save(args.out.with_name("napari_where_from.png"))
     viewer.close()
 
 

@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import logging
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from magicgui.widgets import (
     Container,
     Label,
     LineEdit,
+    ProgressBar,
     PushButton,
     SpinBox,
     create_widget,
@@ -34,6 +36,7 @@ from napari.layers import Image, Labels
 from napari.qt.threading import thread_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QTimer
 
 from napari_stm.core.config import Direction, algorithm_settings
 from napari_stm.core.engine import PropagationConfig, Propagator
@@ -45,6 +48,7 @@ from napari_stm.napari import _ledger as ledger_mod
 from napari_stm.napari._gl_compat import import_triton_safely
 from napari_stm.napari._ledger import FrameInfo, Overwrite, RunPlan, State
 from napari_stm.napari._sequence import LayerFrames, SequenceView, make_view
+from napari_stm.napari._strip import ConfidenceStrip, Scores
 
 if TYPE_CHECKING:
     import napari
@@ -93,6 +97,8 @@ class Job:
     #: arrives was painted during the run and is left alone
     planned_hash: dict[int, str]
     total: int
+    #: the engine of the run, kept for "where from" questions about its frames
+    propagator: Propagator | None = None
 
 
 @dataclass
@@ -181,6 +187,21 @@ class PropagateWidget(Container):
         self._cancel_button = PushButton(text="Cancel", enabled=False)
         self._undo_button = PushButton(text="Undo last run", enabled=False)
         self._status = Label(value="")
+        self._progress = ProgressBar(value=0, min=0, max=1, visible=False, label="")
+        self._eta = Label(value="", visible=False)
+        self._next_button = PushButton(
+            text="Next unsure frame (U)",
+            tooltip="Show the next frame, after the current one, whose least sure object is "
+            "below 0.5 confidence or lost.",
+        )
+        self._where_from = CheckBox(
+            text="where from: click a pixel of a propagated frame",
+            tooltip="Shows which memory frames the pixel's memory read looked at, and where, "
+            "as layers ('where from' heat maps, the pixel as a point).",
+        )
+        self._where_text = Label(value="", visible=False)
+        self._strip = ConfidenceStrip()
+        self._scores: dict[str, Scores] = {}
         buttons = Container(
             widgets=[self._run_button, self._cancel_button, self._undo_button],
             layout="horizontal",
@@ -204,9 +225,20 @@ class PropagateWidget(Container):
                 self._working_size,
                 self._overwrite,
                 buttons,
+                self._progress,
+                self._eta,
                 self._status,
+                self._next_button,
+                self._where_from,
+                self._where_text,
             ]
         )
+        # The strip is a plain Qt widget under the magicgui fields.
+        self.native.layout().addWidget(self._strip)
+        self._strip.frame_clicked.connect(self._show_frame)
+        self._next_button.changed.connect(self.next_unsure)
+        viewer.bind_key("u", lambda _viewer: self.next_unsure(), overwrite=True)
+        viewer.mouse_drag_callbacks.append(self._on_click)
         self._run_button.changed.connect(self.run)
         self._cancel_button.changed.connect(self.cancel)
         self._undo_button.changed.connect(self.undo)
@@ -223,6 +255,10 @@ class PropagateWidget(Container):
         self._undo: UndoRecord | None = None
         self._pending_undo: UndoRecord | None = None
         self._done = 0
+        self._started = 0.0
+        #: (sequence, engine, view) of the last run, which "where from" asks
+        self._engine: tuple[str, Propagator, SequenceView] | None = None
+        self._explaining: Any = None
         self._error: str | None = None
         self._inbox: deque[tuple] = deque()
         self._draining = False
@@ -230,11 +266,17 @@ class PropagateWidget(Container):
         #: frames the last run wrote, and those left alone because a person painted them mid-run
         self.last_written: list[int] = []
         self.last_skipped: list[int] = []
+        self.last_explanation: Any = None
         #: set when the dock widget's Qt side is gone (viewer closed): a run still going must
         #: not touch a deleted button when it ends
         self._closed = False
         self._watched: Labels | None = None
         self._status_context: str | None = None
+        # Classifying a stack hashes every frame: once per pause in painting, not per dab.
+        self._status_timer = QTimer(self.native)
+        self._status_timer.setSingleShot(True)
+        self._status_timer.setInterval(200)
+        self._status_timer.timeout.connect(lambda: self._closed or self._update_status())
         viewer.dims.events.current_step.connect(self._on_step)
         self._labels_layer.changed.connect(self._watch_labels)
         self.native.destroyed.connect(self._on_destroyed)
@@ -300,6 +342,133 @@ class PropagateWidget(Container):
             )
         self._update_status()
 
+    def next_unsure(self) -> int | None:
+        """Move the viewer to the next unsure frame after the current one (wrapping round);
+        returns it, or None when no computed frame is unsure."""
+        try:
+            image, labels = self._layers()
+            view = self._view(image, labels)
+        except InputError as e:
+            show_error(f"napari-stm: {e}")
+            return None
+        scores = self._scores.get(view.context_key())
+        t = None if scores is None else scores.next_unsure(self._current_frame(image, view))
+        if t is None:
+            show_info(
+                "napari-stm: no unsure frame"
+                + ("" if scores else ": propagate first, the confidence comes with the results")
+            )
+            return None
+        self._show_frame(t)
+        lost = scores.lost(t) if scores is not None else []
+        if lost:
+            show_info(f"napari-stm: frame {t}: object(s) {', '.join(map(str, lost))} lost")
+        return t
+
+    def _show_frame(self, t: int) -> None:
+        image = self._image.value
+        if image is None:
+            return
+        try:
+            view = self._view(*self._layers())
+        except InputError:
+            return
+        axis = self._viewer.dims.ndim - image.ndim + view.seq_axis
+        self._viewer.dims.set_current_step(axis, int(t))
+
+    # -- where from ---------------------------------------------------------------------------
+    def _on_click(self, viewer: Any, event: Any) -> None:
+        if not self._where_from.value or event.type != "mouse_press" or self._closed:
+            return
+        try:
+            image, labels = self._layers()
+            view = self._view(image, labels)
+        except InputError as e:
+            show_error(f"napari-stm: {e}")
+            return
+        pos = [float(p) for p in image.world_to_data(event.position)]
+        t = int(round(pos[view.seq_axis]))
+        y, x = int(np.floor(pos[-2] + 0.5)), int(np.floor(pos[-1] + 0.5))
+        self.explain(t, y, x)
+
+    def explain(self, t: int, y: int, x: int) -> Any:
+        """Ask the last run's engine where pixel (y, x) of frame ``t`` read its memory; the
+        answer arrives as layers. Returns the worker, or None when nothing was asked."""
+        try:
+            image, labels = self._layers()
+            view = self._view(image, labels)
+        except InputError as e:
+            show_error(f"napari-stm: {e}")
+            return None
+        engine = self._engine
+        if engine is None or engine[0] != view.context_key():
+            show_error("napari-stm: where from: propagate this sequence first")
+            return None
+        _, prop, run_view = engine
+
+        @thread_worker
+        def ask() -> Any:
+            return prop.explain(t, y, x)
+
+        worker = ask()
+        worker.returned.connect(lambda e: self._show_explanation(e, run_view, labels))
+        worker.errored.connect(lambda e: show_error(f"napari-stm: where from: {e}"))
+        self._explaining = worker
+        worker.start()
+        return worker
+
+    def _show_explanation(self, exp: Any, view: SequenceView, labels: Labels) -> None:
+        self._explaining = None
+        if self._closed:
+            return
+        # np.zeros: pages never written stay unallocated, so a long stack costs only the
+        # frames that were read.
+        heat = np.zeros(view.labels_shape, np.float32)
+        for f, m in zip(exp.frames, exp.heatmaps, strict=True):
+            heat[view.labels_index(f)] = m
+        top = float(heat.max()) or 1.0
+        name = "where from: read weights"
+        if name in self._viewer.layers:
+            layer = self._viewer.layers[name]
+            layer.data = heat
+            layer.contrast_limits = (0.0, top)
+        else:
+            layer = self._viewer.add_image(
+                heat,
+                name=name,
+                colormap="inferno",
+                blending="additive",
+                opacity=0.8,
+                contrast_limits=(0.0, top),
+                scale=labels.scale,
+                translate=labels.translate,
+            )
+        point = [*view.labels_index(exp.t), exp.y, exp.x]
+        pname = "where from: pixel"
+        if pname in self._viewer.layers:
+            self._viewer.layers[pname].data = np.array([point], float)
+        else:
+            self._viewer.add_points(
+                np.array([point], float),
+                name=pname,
+                symbol="cross",
+                size=7,
+                face_color="cyan",
+                border_color="black",
+                scale=labels.scale,
+                translate=labels.translate,
+            )
+        self._viewer.layers.selection.active = labels
+        order = np.argsort(exp.weights)[::-1]
+        parts = [f"frame {exp.frames[i]} {100 * float(exp.weights[i]):.0f}%" for i in order[:6]]
+        self._where_text.value = (
+            f"pixel (y {exp.y}, x {exp.x}) of frame {exp.t} read:\n" + ", ".join(parts)
+        )
+        self._where_text.visible = True
+        self.last_explanation = exp
+        if len(order):
+            self._show_frame(exp.frames[int(order[0])])
+
     # -- lifetime -----------------------------------------------------------------------------
     def _on_destroyed(self, *_: Any) -> None:
         self._closed = True
@@ -312,17 +481,19 @@ class PropagateWidget(Container):
         """Follow painting on the chosen labels layer, so the status line stays true."""
         old = self._watched
         if old is not None:
-            for event in (old.events.paint, old.events.data):
+            for event in (old.events.paint, old.events.data, old.events.labels_update):
                 with contextlib.suppress(TypeError, ValueError):
                     event.disconnect(self._on_labels_changed)
         self._watched = layer if isinstance(layer, Labels) else None
         if self._watched is not None:
             self._watched.events.paint.connect(self._on_labels_changed)
             self._watched.events.data.connect(self._on_labels_changed)
+            # Every brush dab: the status is recomputed once the painting pauses (timer).
+            self._watched.events.labels_update.connect(self._on_labels_changed)
 
     def _on_labels_changed(self, *_: Any) -> None:
         if not self._closed and not self.running:
-            self._update_status()
+            self._status_timer.start()
 
     def _on_step(self, *_: Any) -> None:
         # A 4D stack's sequence depends on the other axis' position: the status follows it.
@@ -334,6 +505,7 @@ class PropagateWidget(Container):
             return
         if view.context_key() != self._status_context:
             self._update_status()
+        self._strip.set_current(self._current_frame(self._image.value, view))
 
     # -- preparing a run ----------------------------------------------------------------------
     def _layers(self) -> tuple[Image, Labels]:
@@ -473,6 +645,15 @@ class PropagateWidget(Container):
         self._inbox.clear()
         self._finish_pending = False
         self._pbar = progress(total=job.total, desc="napari-stm: propagating")
+        self._started = time.perf_counter()
+        self._progress.max = max(job.total, 1)
+        self._progress.value = 0
+        self._progress.visible = self._eta.visible = True
+        self._eta.value = f"0 of {job.total} frames"
+        scores = self._scores.setdefault(job.view.context_key(), Scores(job.view.n_frames))
+        scores.references = set(job.plan.references)
+        scores.forget(set(job.plan.write))
+        self._strip.set_scores(scores)
         worker = _propagate(self._get_model, job, self._cancel)
         worker.yielded.connect(self._on_yielded)
         worker.finished.connect(self._on_finished)
@@ -514,9 +695,20 @@ class PropagateWidget(Container):
         if item[0] == "error":
             self._error = item[1]
             return
-        _, t, result = item
+        if item[0] == "engine":
+            job.propagator = item[1]
+            return
+        _, t, result, confidence, flags = item
         self._write(job, t, result)
+        if t in self.last_written:
+            scores = self._scores[job.view.context_key()]
+            scores.add(t, confidence, flags)
+            self._strip.set_scores(scores)
         self._done += 1
+        self._progress.value = min(self._done, self._progress.max)
+        elapsed = time.perf_counter() - self._started
+        left = elapsed / self._done * max(job.total - self._done, 0)
+        self._eta.value = f"{self._done} of {job.total} frames, about {_duration(left)} left"
         if self._pbar is not None:
             self._pbar.update(1)
 
@@ -569,6 +761,9 @@ class PropagateWidget(Container):
             return
         self._run_button.enabled = True
         self._cancel_button.enabled = False
+        self._progress.visible = self._eta.visible = False
+        if job is not None and job.propagator is not None:
+            self._engine = (job.view.context_key(), job.propagator, job.view)
         if job is not None and self.last_written:
             job.labels_layer.refresh()  # the thumbnail and any frame not refreshed on the way
         rec, self._pending_undo = self._pending_undo, None
@@ -636,6 +831,13 @@ class PropagateWidget(Container):
             infos = ledger_mod.classify(frames, keys, ledger_mod.get_ledger(labels.metadata))
             self._status_context = view.context_key()
             where = self._where(view)
+            scores = self._scores.get(view.context_key()) or Scores(view.n_frames)
+            # Frames painted since a run are references now; their old scores are void.
+            now_painted = {t for t, f in enumerate(infos) if f.state is not State.PREDICTED}
+            scores.forget(now_painted)
+            scores.references = {t for t, f in enumerate(infos) if f.state is State.PAINTED}
+            self._strip.set_scores(scores)
+            self._strip.set_current(self._current_frame(image, view))
         else:
             where = ""
         painted = [t for t, f in enumerate(infos) if f.state is State.PAINTED]
@@ -648,8 +850,7 @@ class PropagateWidget(Container):
             else f"frame{'s' if len(painted) > 1 else ''} {_short(painted)}"
         )
         self._status.value = (
-            f"{where}painted: {shown}\npredicted {predicted}, empty {empty}, "
-            f"of {len(infos)} frames"
+            f"{where}painted: {shown}\npredicted {predicted}, empty {empty}, of {len(infos)} frames"
         )
 
     def _axis_names(self, layer: Image | Labels) -> list[str]:
@@ -710,6 +911,12 @@ def _import_model_code(name: str) -> None:
             return  # load_model names the missing module in its error
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min"
+
+
 def _short(frames: list[int], limit: int = 8) -> str:
     if not frames:
         return "none"
@@ -741,10 +948,11 @@ def _propagate(
         prop = Propagator(model, job.frames, job.config)
         for t, labels in job.references.items():
             prop.add_reference(t, labels)
+        yield ("engine", prop)
         for start, stop in job.plan.calls:
             for res in prop.propagate(job.direction, start, stop, cancel=cancel):
                 if not res.is_reference:
-                    yield ("frame", res.t, res.labels)
+                    yield ("frame", res.t, res.labels, dict(res.confidence), dict(res.flags))
             if cancel.is_set():
                 return
     except (InputError, CheckpointError) as e:

@@ -393,7 +393,7 @@ def test_ids_past_255_propagate(make_napari_viewer, qtbot, messages):
     viewer.add_image(frames, contrast_limits=(0, 4000))
     ids = np.unique(gt[0])[1:]
     lut = np.zeros(int(gt.max()) + 1, np.int32)
-    lut[ids] = 1000 + ids
+    lut[ids] = 1000 + ids.astype(np.int32)
     painted = np.zeros(gt.shape, np.int32)
     painted[0] = lut[gt[0]]
     labels = viewer.add_labels(painted)
@@ -420,7 +420,7 @@ def test_status_follows_painting_and_the_position_in_a_4d_stack(make_napari_view
     labels.selected_label = 2
     labels.brush_size = 5
     labels.paint((3, 1, 20, 20), 2)
-    assert "along t at z=1: painted: frame 3\n" in widget._status.value, widget._status.value
+    qtbot.waitUntil(lambda: "along t at z=1: painted: frame 3\n" in widget._status.value)
     viewer.dims.set_current_step(1, 0)
     assert "along t at z=0: painted: none" in widget._status.value, widget._status.value
 
@@ -505,3 +505,62 @@ def test_closing_the_viewer_during_a_run_does_not_abort_python(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "closed cleanly True" in out.stdout, out.stderr[-3000:]
+
+
+def test_confidence_strip_fills_and_next_unsure_moves_there(make_napari_viewer, qtbot):
+    viewer = _viewer_with_sample(make_napari_viewer)
+    widget = _add_widget(viewer)
+    progress_seen = []
+    worker = widget.run()
+    worker.yielded.connect(lambda _: progress_seen.append(widget._eta.value))
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+    assert any(" of 7 frames, about " in p for p in progress_seen), progress_seen
+    assert not widget._progress.visible
+    view = widget._view(*widget._layers())
+    scores = widget._scores[view.context_key()]
+    # Every computed frame has the engine's confidence for each object; frame 0 is painted.
+    assert sorted(scores.confidence) == list(range(1, 8))
+    assert scores.references == {0}
+    ids = [int(i) for i in np.unique(viewer.layers["cells"].data[0])[1:]]
+    assert all(sorted(scores.confidence[t]) == ids for t in range(1, 8))
+    cells = scores.image()
+    assert cells.shape == (len(ids), 8, 3)
+    assert (cells[:, 0] == (70, 130, 230)).all()  # the painted frame
+    # The next unsure frame: after the current one, least sure object below the bar.
+    viewer.dims.set_current_step(0, 0)
+    for t in range(1, 8):
+        scores.confidence[t] = dict.fromkeys(ids, 0.9)
+        scores.flags[t] = {}
+    scores.confidence[5][ids[0]] = 0.2
+    scores.flags[3] = {ids[-1]: "lost"}
+    assert widget.next_unsure() == 3 and viewer.dims.current_step[0] == 3
+    assert widget.next_unsure() == 5 and viewer.dims.current_step[0] == 5
+    assert widget.next_unsure() == 3  # wraps round
+    # Painting a frame makes it a reference: its old score goes.
+    labels = viewer.layers["cells"]
+    labels.paint((3, 30, 30), ids[0])
+    qtbot.waitUntil(lambda: 3 in scores.references and 3 not in scores.confidence)
+
+
+def test_where_from_shows_the_memory_read_as_layers(make_napari_viewer, qtbot):
+    viewer = _viewer_with_sample(make_napari_viewer)
+    widget = _add_widget(viewer)
+    widget._direction.value = "forward"
+    _run(qtbot, widget)
+    labels = viewer.layers["cells"]
+    ys, xs = np.nonzero(labels.data[6])
+    worker = widget.explain(6, int(ys[0]), int(xs[0]))
+    assert worker is not None
+    qtbot.waitUntil(lambda: widget.last_explanation is not None, timeout=60_000)
+    exp = widget.last_explanation
+    assert 0 in exp.frames and 6 not in exp.frames
+    np.testing.assert_allclose(exp.weights.sum(), 1.0, atol=1e-4)
+    heat = viewer.layers["where from: read weights"].data
+    assert heat.shape == labels.data.shape
+    for f, m in zip(exp.frames, exp.heatmaps, strict=True):
+        np.testing.assert_array_equal(heat[f], m)
+    point = viewer.layers["where from: pixel"].data
+    np.testing.assert_array_equal(point, [[6, ys[0], xs[0]]])
+    strongest = exp.frames[int(np.argmax(exp.weights))]
+    assert viewer.dims.current_step[0] == strongest
+    assert f"of frame 6 read:\nframe {strongest} " in widget._where_text.value
