@@ -535,13 +535,13 @@ def test_tracker_with_empty_reference_gives_background(tiny_model, clip):
     assert not labels.any() and probs.shape == (1, H, W) and (probs == 1).all()
 
 
-def test_results_unpack_and_leave_no_inference_mode_behind(tiny_model, clip):
+def test_results_leave_no_inference_mode_behind(tiny_model, clip):
     video, gt = clip
     prop = Propagator(tiny_model, video, CPU)
     prop.add_reference(0, gt[0])
     gen = prop.propagate()
-    t, labels, probs = next(gen)
-    assert t == 0 and labels.shape == (H, W) and probs.shape == (3, H, W)
+    first = next(gen)
+    assert first.t == 0 and first.labels.shape == (H, W) and first.probs.shape == (3, H, W)
     # Between frames the caller's own torch code runs in its normal mode.
     assert not torch.is_inference_mode_enabled()
     x = torch.ones(2, requires_grad=True)
