@@ -342,15 +342,23 @@ class PropagateWidget(Container):
             )
         self._update_status()
 
-    def next_unsure(self) -> int | None:
-        """Move the viewer to the next unsure frame after the current one (wrapping round);
-        returns it, or None when no computed frame is unsure."""
+    def _shown_view(self) -> tuple[Image, Labels, SequenceView] | None:
+        """(image layer, labels layer, sequence view) chosen now, or None after showing the
+        user why there is none."""
         try:
             image, labels = self._layers()
-            view = self._view(image, labels)
+            return image, labels, self._view(image, labels)
         except InputError as e:
             show_error(f"napari-stm: {e}")
             return None
+
+    def next_unsure(self) -> int | None:
+        """Move the viewer to the next unsure frame after the current one (wrapping round);
+        returns it, or None when no computed frame is unsure."""
+        shown = self._shown_view()
+        if shown is None:
+            return None
+        image, _, view = shown
         scores = self._scores.get(view.context_key())
         t = None if scores is None else scores.next_unsure(self._current_frame(image, view))
         if t is None:
@@ -380,12 +388,10 @@ class PropagateWidget(Container):
     def _on_click(self, viewer: Any, event: Any) -> None:
         if not self._where_from.value or event.type != "mouse_press" or self._closed:
             return
-        try:
-            image, labels = self._layers()
-            view = self._view(image, labels)
-        except InputError as e:
-            show_error(f"napari-stm: {e}")
+        shown = self._shown_view()
+        if shown is None:
             return
+        image, _, view = shown
         pos = [float(p) for p in image.world_to_data(event.position)]
         t = int(round(pos[view.seq_axis]))
         y, x = int(np.floor(pos[-2] + 0.5)), int(np.floor(pos[-1] + 0.5))
@@ -394,12 +400,10 @@ class PropagateWidget(Container):
     def explain(self, t: int, y: int, x: int) -> Any:
         """Ask the last run's engine where pixel (y, x) of frame ``t`` read its memory; the
         answer arrives as layers. Returns the worker, or None when nothing was asked."""
-        try:
-            image, labels = self._layers()
-            view = self._view(image, labels)
-        except InputError as e:
-            show_error(f"napari-stm: {e}")
+        shown = self._shown_view()
+        if shown is None:
             return None
+        image, labels, view = shown
         engine = self._engine
         if engine is None or engine[0] != view.context_key():
             show_error("napari-stm: where from: propagate this sequence first")
