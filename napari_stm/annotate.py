@@ -441,7 +441,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--start", type=int, default=0, help="first frame (default: 0)")
     p.add_argument("--stop", type=int, default=None, help="frame after the last (default: all)")
-    p.add_argument("--model", default=None, help="model name (default: stm-lite, bundled)")
+    p.add_argument("--model", default=None, help="model name (default: as `propagate` chooses)")
     p.add_argument("--weights", default=None, help="checkpoint path or URL")
     p.add_argument("--device", default=None, choices=["cpu", "cuda", "mps"])
     p.add_argument(
@@ -478,7 +478,10 @@ def run(args: argparse.Namespace) -> int:
     if args.rounds < 0:
         raise InputError(f"--rounds must be 0 or more, not {args.rounds}")
     seqs = [open_sequence(s, args.annotations, args.start, args.stop) for s in args.sequences]
-    model = load_model(args.model or default_model_name(), weights=args.weights, device=args.device)
+    # The rule `propagate` follows, on the first sequence's frames.
+    first = seqs[0].frames
+    name = args.model or default_model_name(first.frame_shape, first.dtype)
+    model = load_model(name, weights=args.weights, device=args.device)
     config = PropagationConfig(max_side=args.max_side, device=args.device)
     print(format_table([], header=True), file=sys.stderr, flush=True)
     rows: list[Round] = []

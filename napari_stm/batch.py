@@ -331,14 +331,16 @@ def _write_atomic(path: Path, text: str) -> None:
 _models: dict[tuple, Any] = {}
 
 
-def _model(job: Job) -> Any:
-    """The job's model, loaded once per worker process (a worker runs many videos)."""
+def _model(job: Job, source: Any) -> Any:
+    """The job's model for its opened frames, loaded once per worker process (a worker runs
+    many videos)."""
     from napari_stm.core.weights import default_model_name, load_model
 
-    key = (job.model, job.weights, job.sha256, job.device)
+    name = job.model or default_model_name(source.frame_shape, source.dtype)
+    key = (name, job.weights, job.sha256, job.device)
     if key not in _models:
         _models[key] = load_model(
-            job.model or default_model_name(),
+            name,
             weights=job.weights,
             device=job.device,
             sha256=job.sha256,
@@ -374,7 +376,7 @@ def fill_video(job: Job) -> dict[str, Any]:
             job.video.masks,
             work / name,
             job.video.config,
-            lambda: _model(job),
+            lambda source: _model(job, source),
             direction=job.direction,
             start=job.start,
             stop=job.stop,

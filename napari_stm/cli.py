@@ -18,6 +18,7 @@ from napari_stm.core.errors import CheckpointError, InputError
 if TYPE_CHECKING:
     from napari_stm.core.engine import PropagationConfig
     from napari_stm.core.model import VOSNetwork
+    from napari_stm.io import FrameSource
 
 SAMPLE = files("napari_stm") / "data" / "sample_clip"
 OVERLAY_FRAMES = 6
@@ -28,7 +29,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model",
         default=None,
-        help="model name (default: stm-lite, bundled); see `napari-stm models`",
+        help="model name (default: stm-lite-cells, bundled, for single-channel or 16-bit frames "
+        "(microscopy), else stm-lite, bundled); see `napari-stm models`",
     )
     g.add_argument("--weights", default=None, help="checkpoint path or http(s) URL")
     g.add_argument("--sha256", default=None, help="expected sha256 of the weights file")
@@ -265,9 +267,12 @@ def propagate(args: argparse.Namespace) -> int:
 
     config = engine_config(args)
 
-    def load() -> VOSNetwork:
+    def load(source: FrameSource) -> VOSNetwork:
+        name = args.model or default_model_name(source.frame_shape, source.dtype)
+        if not args.model and not args.quiet:
+            print(f"napari-stm: model {name} ({_kind(source)}; --model names another)")
         return load_model(
-            args.model or default_model_name(),
+            name,
             weights=args.weights,
             device=args.device,
             sha256=args.sha256,
@@ -292,6 +297,13 @@ def propagate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kind(source: FrameSource) -> str:
+    """How the frames read, in the words of the model rule (core/weights/registry.py)."""
+    shape = source.frame_shape
+    channels = "single-channel" if len(shape) == 2 or shape[-1] == 1 else f"{shape[-1]}-channel"
+    return f"{channels} {source.dtype} frames"
+
+
 def engine_config(args: argparse.Namespace) -> PropagationConfig:
     """The engine settings the propagation arguments (``_add_engine_arguments``) give."""
     from napari_stm.core.engine import PropagationConfig
@@ -305,7 +317,7 @@ def propagate_files(
     masks: str | os.PathLike,
     out: str | os.PathLike,
     config: PropagationConfig,
-    load: Callable[[], VOSNetwork],
+    load: Callable[[FrameSource], VOSNetwork],
     *,
     direction: str = "both",
     start: int | None = None,
@@ -318,8 +330,9 @@ def propagate_files(
 ) -> int:
     """What `napari-stm propagate` writes, from files to files; returns the frames written.
 
-    ``load`` gives the model once the inputs and outputs have been checked, so a bad input
-    fails before any weights are read. `napari-stm batch` runs each video through here.
+    ``load`` gives the model for the opened frames once the inputs and outputs have been
+    checked, so a bad input fails before any weights are read. `napari-stm batch` runs each
+    video through here.
     """
     from tqdm import tqdm
 
@@ -340,7 +353,7 @@ def propagate_files(
             f"write a label TIFF instead (--out {out.with_suffix('.tif')})"
         )
 
-    prop = Propagator(load(), source, config)
+    prop = Propagator(load(source), source, config)
     for t, labels in refs.items():
         prop.add_reference(t, labels)
 

@@ -286,3 +286,37 @@ def test_evaluate_and_models_commands(tmp_path, files, clip, capsys):
     assert run("models") == 0
     listing = capsys.readouterr().out
     assert "stm-resnet50" in listing and "lite0-match" in listing
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [("rgb8", "stm-lite"), ("grey16", "stm-lite-cells"), ("grey8", "stm-lite-cells")],
+)
+def test_without_model_the_frames_choose_the_bundled_model(
+    tmp_path, clip, monkeypatch, capsys, kind, expected
+):
+    frames, labels = clip
+    fdir, mdir = tmp_path / "frames", tmp_path / "masks"
+    fdir.mkdir()
+    mdir.mkdir()
+    for t, f in enumerate(frames):
+        if kind == "rgb8":
+            Image.fromarray(f).save(fdir / f"{t:05d}.png")
+        else:
+            grey = f.mean(-1)
+            grey = (grey * 257).astype(np.uint16) if kind == "grey16" else grey.astype(np.uint8)
+            tifffile.imwrite(fdir / f"{t:05d}.tif", grey)
+    write_palette_png(mdir / "00000.png", labels[0])
+    loaded = []
+
+    def load_model(name, **kwargs):
+        loaded.append(name)
+        return TinyMatch()
+
+    monkeypatch.setattr(W, "load_model", load_model)
+    assert run("propagate", fdir, "--masks", mdir, "--out", tmp_path / "out") == 0
+    assert loaded == [expected]
+    assert f"model {expected} (" in capsys.readouterr().out
+    # A named model always wins.
+    assert run("propagate", fdir, "--masks", mdir, "--out", tmp_path / "o2", "--model", MODEL) == 0
+    assert loaded == [expected, MODEL]

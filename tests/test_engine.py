@@ -550,3 +550,43 @@ def test_results_leave_no_inference_mode_behind(tiny_model, clip):
     assert res.probs.shape == (3, H, W)
     gen.close()
     assert not torch.is_inference_mode_enabled()
+
+
+def test_a_network_with_an_object_size_works_where_the_references_put_it(clip, monkeypatch):
+    video, gt = clip
+    monkeypatch.setattr("napari_stm.core.frames.MIN_FIT_SIDE", 16)  # tiny frames
+    model = TinyMatch()
+    model.object_side = 8  # the clip's objects are ~16-24 pixels across: about half size
+    prop = Propagator(model, video, CPU)
+    prop.add_reference(0, gt[0])
+    half = prop.geo
+    assert half.resized and max(half.inner) < W and max(half.inner) >= W // 3
+    results = list(prop.propagate("forward"))
+    assert all(r.labels.shape == (H, W) for r in results)
+    # The same as asking for that working size.
+    asked = run(
+        TinyMatch(),
+        video,
+        {0: gt[0]},
+        PropagationConfig(device="cpu", max_side=max(half.inner)),
+        direction="forward",
+    )
+    for a, b in zip(results, asked, strict=True):
+        assert a.t == b.t and np.array_equal(a.labels, b.labels)
+    # A reference whose objects are smaller: the size follows, the references are re-encoded.
+    small = np.where(gt[8] == 1, 1, 0).astype(gt.dtype)
+    small[: H // 2] = 0
+    prop.remove_reference(0)
+    prop.add_reference(8, small)
+    assert prop.geo != half
+    assert {r.t for r in prop.propagate("forward")} == set(range(8, T))
+    # Without an object size (or with max_side given) the frame size alone decides.
+    assert Propagator(TinyMatch(), video, CPU).geo.inner == (H, W)
+    model.object_side = 8
+    fixed = Propagator(model, video, PropagationConfig(device="cpu", max_side=0))
+    fixed.add_reference(0, gt[0])
+    assert fixed.geo.inner == (H, W)
+    # A tracker's session takes the size from its first reference, as the propagator does.
+    tracker = Tracker(model, CPU, [1, 2])
+    tracker.step(video[0], gt[0])
+    assert tracker.geo == half

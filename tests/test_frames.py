@@ -8,11 +8,14 @@ import torch
 
 from napari_stm.core.errors import InputError
 from napari_stm.core.frames import (
+    MIN_FIT_SIDE,
     PERCENTILES,
     FrameReader,
     check_labels,
+    fit_side,
     from_network,
     geometry,
+    object_diameters,
     to_network,
 )
 
@@ -186,6 +189,39 @@ def test_max_side_resizes_the_longer_side():
     assert geometry((50, 40), 16, max_side=64).inner == (50, 40)  # never enlarged
     geo = geometry((300, 97), 16, max_side=100)
     assert geo.inner == (100, 32) and geo.padded == (112, 32)
+
+
+def disc_labels(size: tuple[int, int], radius: float, n: int) -> np.ndarray:
+    yy, xx = np.mgrid[: size[0], : size[1]]
+    labels = np.zeros(size, np.uint16)
+    for i in range(n):
+        cy, cx = size[0] // 2, (i + 1) * size[1] // (n + 1)
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = 300 + i
+    return labels
+
+
+def test_object_diameters_are_those_of_discs_of_the_same_area():
+    d = object_diameters(disc_labels((200, 400), 30, 3))
+    np.testing.assert_allclose(d, 60, rtol=0.02)
+    assert object_diameters(np.zeros((8, 8), np.uint8)).size == 0
+
+
+def test_fit_side_brings_the_objects_to_the_trained_size():
+    # 128-pixel cells in a 512 frame, trained at 64: half size.
+    big = object_diameters(disc_labels((512, 512), 64, 3))
+    assert fit_side((512, 512), 512, 64, big) == 256
+    # Under the cap already (55-pixel nuclei in a 690 frame worked at 512): unchanged.
+    nuclei = object_diameters(disc_labels((690, 628), 27.5, 5))
+    assert fit_side((690, 628), 512, 64, nuclei) == 512
+    # Never enlarged, never below the floor, specks do not vote, no objects: unchanged.
+    assert fit_side((100, 80), 512, 64, object_diameters(disc_labels((100, 80), 5, 2))) == 512
+    huge = object_diameters(disc_labels((512, 2000), 250, 2))
+    assert fit_side((512, 2000), 512, 16, huge) == MIN_FIT_SIDE
+    assert fit_side((512, 512), 512, 64, np.array([3.0, 4.0])) == 512
+    assert fit_side((512, 512), 512, 64, np.array([])) == 512
+    # Full size asked (side None): fitted from the frame's own side.
+    assert fit_side((512, 512), None, 64, big) == 256
+    assert fit_side((512, 512), None, 64, nuclei) is None
 
 
 def test_to_and_from_network_round_trip():

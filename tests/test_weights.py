@@ -15,6 +15,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from official_reference import REFERENCE as OFFICIAL
@@ -554,3 +555,18 @@ def test_lite0_match_needs_no_weights():
     model = W.load_model("lite0-match", device="cpu")
     assert type(model).__name__ == "Lite0Match" and not model.training
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_the_frames_format_chooses_the_bundled_model():
+    assert W.default_model_name() == "stm-lite"
+    assert W.default_model_name((360, 640, 3), np.uint8) == "stm-lite"
+    assert W.default_model_name((360, 640, 4), "uint8") == "stm-lite"
+    for shape, dtype in [
+        ((512, 512), np.uint8),  # DIC, phase contrast
+        ((690, 628), np.uint16),  # fluorescence
+        ((64, 64, 1), np.uint8),
+        ((64, 64, 3), np.uint16),  # 16-bit colour is not a camera's video
+        ((64, 64), np.float32),
+    ]:
+        assert W.default_model_name(shape, dtype) == W.MICROSCOPY_MODEL == "stm-lite-cells"
+    assert W.get_spec(W.MICROSCOPY_MODEL).weights == "weights/stm_lite_cells.pth"

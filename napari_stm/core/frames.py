@@ -57,6 +57,38 @@ def geometry(size: tuple[int, int], multiple: int, max_side: int | None = None) 
     return Geometry((h, w), inner, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
 
 
+#: the fitted working side never goes below this: stride-16 features of a smaller frame are
+#: too coarse for the decoder's borders whatever the objects' size
+MIN_FIT_SIDE = 128
+#: objects smaller than this (pixels) do not vote on the working size: slivers cut by the
+#: frame's edge, specks
+MIN_FIT_AREA = 64
+
+
+def object_diameters(labels: Any) -> np.ndarray:
+    """Diameter (pixels) of the disc with each object's area, for every id > 0 of a label
+    image."""
+    ids, counts = np.unique(np.asarray(labels), return_counts=True)
+    return np.sqrt(4.0 * counts[ids > 0] / np.pi)
+
+
+def fit_side(
+    size: tuple[int, int], side: int | None, object_side: float, diameters: np.ndarray
+) -> int | None:
+    """The longer side to work at so that the objects' median diameter lands near
+    ``object_side`` pixels, the size a network was trained to see: a 120-pixel cell is
+    shrunk, and a frame is never enlarged (nor worked above ``side``, the network's usual
+    working side; None: full size). Below :data:`MIN_FIT_SIDE` the frame's own side wins."""
+    longer = max(size)
+    cap = longer if not side else min(side, longer)
+    big = diameters[diameters >= np.sqrt(4.0 * MIN_FIT_AREA / np.pi)]
+    if big.size == 0:
+        return side
+    fitted = round(longer * object_side / float(np.median(big)))
+    fitted = max(min(fitted, cap), min(MIN_FIT_SIDE, cap))
+    return side if fitted >= longer else fitted  # the frame as it is: nothing to shrink
+
+
 def to_network(x: Tensor, geo: Geometry, mode: str = "bilinear") -> Tensor:
     """[B, C, H, W] at user size -> resized and zero-padded network input."""
     if geo.resized:

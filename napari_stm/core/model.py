@@ -61,6 +61,10 @@ class VOSNetwork(nn.Module):
     #: longer side frames are resized to at most by default (None: full resolution): the scale
     #: the network was trained at
     working_side: int | None = None
+    #: median object diameter (pixels of the network's input) the network was trained to see;
+    #: when set and no max_side is configured, frames whose reference objects are larger are
+    #: shrunk so they land there (core/frames.py: fit_side). None: working_side alone
+    object_side: int | None = None
 
     def encode_query(self, image: Tensor) -> QueryFeatures:
         """Encode a query frame [1, 3, H, W]."""

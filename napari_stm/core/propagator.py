@@ -30,7 +30,7 @@ from napari_stm.core.explain import (
     pack_labels,
     unpack_masks,
 )
-from napari_stm.core.frames import FrameReader, check_labels, crop_padding
+from napari_stm.core.frames import FrameReader, Geometry, check_labels, crop_padding
 from napari_stm.core.model import MemoryEntry, VOSNetwork
 from napari_stm.core.plan import Pass, affected, check_range, plan_passes, reach
 from napari_stm.core.policy import make_policy
@@ -62,8 +62,9 @@ class Propagator:
         self.reader = FrameReader(frames, self.config.normalize)
         self.runtime = prepare(model, self.config)
         self.device = self.runtime.device
-        self.geo = working_geometry(self.reader.size, model, self.config)
         self.references: dict[int, np.ndarray] = {}
+        self._geo: Geometry | None = None
+        self._entries_geo: Geometry | None = None
         self._entries: dict[int, tuple[Tensor, Tensor, MemoryEntry]] = {}
         self._entry_ids: list[int] = []
         self._tracker: Tracker | None = None
@@ -89,6 +90,16 @@ class Propagator:
         return 0 if self._tracker is None else self._tracker.memory_nbytes
 
     @property
+    def geo(self) -> Geometry:
+        """How frames map to the network. It follows the references: a network with an object
+        size (``VOSNetwork.object_side``) works at the size their objects choose."""
+        if self._geo is None:
+            self._geo = working_geometry(
+                self.reader.size, self.model, self.config, self.references.values()
+            )
+        return self._geo
+
+    @property
     def object_ids(self) -> list[int]:
         ids: set[int] = set()
         for lab in self.references.values():
@@ -103,10 +114,12 @@ class Propagator:
             )
         self.references[int(t)] = check_labels(labels, self.reader.size, f"reference frame {t}")
         self._entries.pop(int(t), None)
+        self._geo = None
 
     def remove_reference(self, t: int) -> None:
         self.references.pop(t, None)
         self._entries.pop(t, None)
+        self._geo = None
 
     def affected(
         self, t: int, start: int | None = None, stop: int | None = None
@@ -273,9 +286,10 @@ class Propagator:
 
     def _encode_references(self) -> None:
         ids = self.object_ids
-        if ids != self._entry_ids:
+        if ids != self._entry_ids or self.geo != self._entries_geo:
             self._entries.clear()
             self._entry_ids = ids
+            self._entries_geo = self.geo
         for t, lab in self.references.items():
             if t not in self._entries:
                 image = self.reader.tensor(t, self.geo, self.device)

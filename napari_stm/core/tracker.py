@@ -10,6 +10,7 @@ the one step function (core/step.py).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +25,10 @@ from napari_stm.core.frames import (
     Geometry,
     check_labels,
     crop_padding,
+    fit_side,
     from_network,
     label_dtype,
+    object_diameters,
     to_network,
 )
 from napari_stm.core.frames import geometry as make_geometry
@@ -89,9 +92,20 @@ class FrameResult:
         return self._probs
 
 
-def working_geometry(size: tuple[int, int], model: VOSNetwork, config: AlgorithmConfig) -> Geometry:
-    """How frames of ``size`` map to the network: the configured or the network's working side."""
+def working_geometry(
+    size: tuple[int, int],
+    model: VOSNetwork,
+    config: AlgorithmConfig,
+    references: Iterable[np.ndarray] = (),
+) -> Geometry:
+    """How frames of ``size`` map to the network: the configured side, else the network's
+    working side, shrunk further when the network has an object size and the ``references``'
+    objects are larger than it (see :func:`napari_stm.core.frames.fit_side`)."""
     side = model.working_side if config.max_side is None else config.max_side
+    if config.max_side is None and model.object_side:
+        diameters = [object_diameters(lab) for lab in references]
+        if diameters:
+            side = fit_side(size, side, model.object_side, np.concatenate(diameters))
     return make_geometry(size, model.pad_multiple, side or None)
 
 
@@ -248,7 +262,9 @@ class Tracker:
         if reader.needs_range:
             self._intensity = reader.intensity_range
         if self.geo is None:
-            self.geo = working_geometry(reader.size, self.model, self.config)
+            # A session's first step is its reference: its objects may choose the size.
+            first = [] if labels is None else [check_labels(labels, reader.size, "the reference")]
+            self.geo = working_geometry(reader.size, self.model, self.config, first)
         elif reader.size != self.geo.size:
             raise InputError(
                 f"image size changed inside a session: {reader.size[1]}x{reader.size[0]}, "

@@ -43,7 +43,13 @@ from napari_stm.core.engine import PropagationConfig, Propagator
 from napari_stm.core.errors import CheckpointError, InputError
 from napari_stm.core.frames import check_labels
 from napari_stm.core.model import VOSNetwork
-from napari_stm.core.weights import available_models, default_model_name, get_spec, load_model
+from napari_stm.core.weights import (
+    MICROSCOPY_MODEL,
+    available_models,
+    default_model_name,
+    get_spec,
+    load_model,
+)
 from napari_stm.napari import _ledger as ledger_mod
 from napari_stm.napari._gl_compat import import_triton_safely
 from napari_stm.napari._ledger import FrameInfo, Overwrite, RunPlan, State
@@ -59,6 +65,8 @@ WHOLE = "whole stack"
 FROM_CURRENT = "from current frame"
 START_STOP = "start..stop"
 AUTO_DEVICE = "auto"
+#: the model choice that follows `propagate`'s rule (core/weights/registry.py)
+AUTO_MODEL = "auto"
 MODEL_SIZE = "model default"
 #: "work at" choices -> PropagationConfig.max_side
 WORKING_SIZES: dict[str, int | None] = {
@@ -137,9 +145,15 @@ class PropagateWidget(Container):
         models = available_models()
         self._model = ComboBox(
             label="model",
-            choices=list(models),
-            value=default_model_name(),
-            tooltip="\n".join(f"{k}: {v}" for k, v in models.items()),
+            choices=[AUTO_MODEL, *models],
+            value=AUTO_MODEL,
+            tooltip="\n".join(
+                [
+                    f"{AUTO_MODEL}: {MICROSCOPY_MODEL} for single-channel or 16-bit images "
+                    f"(microscopy), {default_model_name()} for 8-bit colour",
+                    *(f"{k}: {v}" for k, v in models.items()),
+                ]
+            ),
         )
         self._weights = LineEdit(
             label="weights",
@@ -578,6 +592,8 @@ class PropagateWidget(Container):
         view = self._view(image, labels)
         direction: Direction = self._direction.value
         name, weights, device, config = self._settings()
+        if name == AUTO_MODEL:
+            name = default_model_name((1, 1, 3) if image.rgb else (1, 1), image.dtype)
         n = view.n_frames
         keys = [view.frame_key(t) for t in range(n)]
         frames = [labels.data[view.labels_index(t)] for t in range(n)]

@@ -30,11 +30,13 @@ from napari_stm.core.weights.download import (
 from napari_stm.core.weights.registry import (
     _REGISTRY,  # noqa: F401  (tests save and restore the registry through it)
     DEFAULT_MODEL,
+    MICROSCOPY_MODEL,
     OFFICIAL_STM_WEIGHTS_URL,
     ModelSpec,
     available_models,
     default_model_name,
     get_spec,
+    looks_like_microscopy,
     register,
     unregister,
 )
@@ -42,6 +44,7 @@ from napari_stm.core.weights.registry import (
 __all__ = [
     "DEFAULT_MODEL",
     "DOWNLOAD_TIMEOUT",
+    "MICROSCOPY_MODEL",
     "OFFICIAL_STM_WEIGHTS_URL",
     "ModelSpec",
     "StateDict",
@@ -53,6 +56,7 @@ __all__ = [
     "get_spec",
     "load_model",
     "load_state_dict",
+    "looks_like_microscopy",
     "read_state_dict",
     "register",
     "resolve_device",
@@ -132,6 +136,8 @@ def load_model(
         if spec.key_map is not None:
             state_dict = spec.key_map(state_dict)
     model = spec.build()
+    if spec.object_side is not None:
+        model.object_side = spec.object_side
     if state_dict is not None:
         load_state_dict(model, state_dict, source)
     model.eval().requires_grad_(False)

@@ -10,6 +10,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 from torch import Tensor
 
 from napari_stm.core.errors import CheckpointError
@@ -29,7 +30,8 @@ class ModelSpec:
     inside the ``napari_stm`` package) or an http(s) URL, pinned by ``sha256``.
     ``weights_source`` tells users where to get weights when they are required but not given.
     ``key_map`` turns a checkpoint in a foreign layout into this model's parameter names; it runs
-    after a DataParallel ``module.`` prefix has been stripped.
+    after a DataParallel ``module.`` prefix has been stripped. ``object_side`` is the object size
+    these weights were trained to see (see ``VOSNetwork.object_side``).
     """
 
     name: str
@@ -40,6 +42,8 @@ class ModelSpec:
     weights_required: bool = False
     weights_source: str | None = None
     key_map: Callable[[StateDict], StateDict] | None = None
+    #: these weights' ``VOSNetwork.object_side`` (None: the network class's)
+    object_side: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name or any(c.isspace() for c in self.name):
@@ -101,11 +105,35 @@ def get_spec(name: str) -> ModelSpec:
 #: the model every adapter uses when none is named: trained by us and bundled, so it works
 #: offline the moment the package is installed
 DEFAULT_MODEL = "stm-lite"
+#: the bundled model for microscopy, chosen when none is named and the frames look like it
+MICROSCOPY_MODEL = "stm-lite-cells"
 
 
-def default_model_name() -> str:
-    """The model adapters use when none is named (the bundled ``stm-lite``)."""
-    return DEFAULT_MODEL if DEFAULT_MODEL in _REGISTRY else next(iter(_REGISTRY))
+def default_model_name(
+    frame_shape: tuple[int, ...] | None = None, dtype: np.dtype | str | type | None = None
+) -> str:
+    """The model adapters use when none is named.
+
+    Given the frames' shape (H, W) or (H, W, C) and sample type: ``stm-lite-cells`` for
+    single-channel frames or frames of more than 8 bits a sample (what microscopes write:
+    fluorescence, DIC, phase contrast), ``stm-lite`` for 8-bit colour (natural video).
+    Without them: ``stm-lite``. Measured on held-out data (docs/model_card.md): each model
+    wins on its own kind and loses on the other, and the frames' format is what tells the two
+    apart before any pixel is read.
+    """
+    name = DEFAULT_MODEL
+    if frame_shape is not None and looks_like_microscopy(frame_shape, dtype):
+        name = MICROSCOPY_MODEL
+    return name if name in _REGISTRY else next(iter(_REGISTRY))
+
+
+def looks_like_microscopy(
+    frame_shape: tuple[int, ...], dtype: np.dtype | str | type | None = None
+) -> bool:
+    """Single-channel frames, or samples wider than 8 bits (uint16, float ...)."""
+    grey = len(frame_shape) == 2 or (len(frame_shape) == 3 and frame_shape[2] == 1)
+    deep = dtype is not None and np.dtype(dtype) not in (np.dtype(np.uint8), np.dtype(bool))
+    return grey or deep
 
 
 def available_models() -> dict[str, str]:
@@ -135,7 +163,8 @@ register(
         name="stm-lite",
         factory="napari_stm.core.stm_lite:STMLite",
         description="STM on an ImageNet EfficientNet-Lite0, trained by us (docs/model_card.md); "
-        "bundled, the default; works at 512 pixels a side unless --max-side says otherwise; "
+        "bundled, the default for 8-bit colour frames; works at 512 pixels a side unless "
+        "--max-side says otherwise; "
         "weights for non-commercial research use",
         weights="weights/stm_lite.pth",
         sha256="c478ad84843370379406636a80669b471e3d358c965bde98efd6bd235b6a7968",
@@ -146,11 +175,16 @@ register(
         name="stm-lite-cells",
         factory="napari_stm.core.stm_lite:STMLite",
         description="stm-lite fine-tuned on microscopy time-lapses (fluorescent nuclei, DIC "
-        "cells) and DAVIS on 5-frame clips (docs/model_card.md); bundled; choose it for "
-        "microscopy (masks keep their size over long time-lapses), stm-lite for natural "
-        "video; weights for non-commercial research use",
+        "cells; docs/model_card.md); bundled; the default for single-channel or 16-bit "
+        "frames (masks keep their size over long time-lapses); weights for non-commercial "
+        "research use",
         weights="weights/stm_lite_cells.pth",
         sha256="7b9c74b12bd94ae2d9c27f421acb0bcf96840964cb47ed9434907175a0483ea6",
+        # Its microscopy crops showed cells 16-96 pixels across. Working-size sweep on the
+        # training halves of both time-lapses (docs/model_card.md): HeLa's 128-pixel cells
+        # J 0.56 at 512 a side, 0.72-0.73 at 192-256 (48-64 px); SIM+ nuclei J 0.81 at 30-40 px,
+        # 0.74 at 54, 0.71 at 20.
+        object_side=56,
     )
 )
 register(
