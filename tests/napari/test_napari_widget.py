@@ -564,3 +564,26 @@ def test_where_from_shows_the_memory_read_as_layers(make_napari_viewer, qtbot):
     strongest = exp.frames[int(np.argmax(exp.weights))]
     assert viewer.dims.current_step[0] == strongest
     assert f"of frame 6 read:\nframe {strongest} " in widget._where_text.value
+
+
+@pytest.mark.parametrize(
+    ("rgb", "dtype", "expected"),
+    [
+        (True, np.uint8, "stm-lite"),
+        (False, np.uint16, "stm-lite-cells"),
+        (False, np.uint8, "stm-lite-cells"),
+    ],
+)
+def test_auto_model_follows_the_image_layer(make_napari_viewer, rgb, dtype, expected):
+    from napari_stm.synthetic import make_clip
+
+    frames, gt = make_clip(4, 64, 64, n_objects=2, seed=0)
+    viewer = make_napari_viewer()
+    image = viewer.add_image(frames if rgb else frames.mean(-1).astype(dtype), rgb=rgb)
+    painted = np.zeros_like(gt)
+    painted[0] = gt[0]
+    viewer.add_labels(painted)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-stm", "Propagate labels")
+    assert widget._model.value == "auto"
+    widget._image.value = image
+    assert widget._prepare().model_key[0] == expected
