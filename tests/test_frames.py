@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -288,3 +290,13 @@ def test_check_labels_errors(labels, message):
     with pytest.raises(InputError) as err:
         check_labels(labels, (4, 5), "frame 7")
     assert message in str(err.value)
+
+
+def test_read_only_byte_frames_are_read_without_a_warning():
+    frame = np.frombuffer(bytes(range(256)) * 9, np.uint8)[: 16 * 16 * 3].reshape(16, 16, 3)
+    assert not frame.flags.writeable
+    reader = FrameReader([frame])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = reader.tensor(0, geometry((16, 16), 16), torch.device("cpu"))
+    np.testing.assert_allclose(x[0].permute(1, 2, 0).numpy(), frame / 255.0, atol=1e-7)

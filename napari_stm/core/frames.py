@@ -247,7 +247,11 @@ class FrameReader:
             # Bytes to the device, floats there: a quarter of the data crosses to a GPU, and
             # the conversion runs beside the network (480p on CPU: 4 against 6 ms a frame).
             # The same float32 division as ``read``, so the same numbers.
-            x = torch.from_numpy(np.ascontiguousarray(frame)).to(device)
+            frame = np.ascontiguousarray(frame)
+            if not frame.flags.writeable:
+                # Decoded request bytes are read-only; torch wants memory it may write.
+                frame = frame.copy()
+            x = torch.from_numpy(frame).to(device)
             x = x.permute(2, 0, 1).float().div_(255.0).expand(3, -1, -1)
         else:
             x = torch.from_numpy(np.ascontiguousarray(self.read(t).transpose(2, 0, 1)))
