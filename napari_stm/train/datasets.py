@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from napari_stm.core.errors import InputError
+from napari_stm.core.frames import label_dtype
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 #: an object must cover at least this share of the first frame's crop to be trained on
@@ -719,7 +720,9 @@ class CtcDataset(_ClipDataset):
     def _labels(self, name: str, i: int) -> np.ndarray:
         key = (name, i)
         if key not in self._label_cache:
-            self._label_cache[key] = _read_labels(self.sequences[name][i][1]).astype(np.uint8)
+            labels = _read_labels(self.sequences[name][i][1])
+            # Smallest dtype that keeps the ids apart: CTC masks number cells past 255.
+            self._label_cache[key] = labels.astype(label_dtype(int(labels.max(initial=0))))
         return self._label_cache[key].astype(np.int64)
 
     def _reader(self, name: str):  # noqa: ANN202 - a FrameReader

@@ -187,3 +187,21 @@ def test_microscopy_augmentation_keeps_range_and_grey():
         assert out.shape == frames.shape
         assert 0 <= float(out.min()) and float(out.max()) <= 1
         assert torch.equal(out[:, 0], out[:, 1])
+
+
+def test_ctc_ids_past_255_stay_apart(tmp_path):
+    import tifffile
+    from PIL import Image
+
+    root = tmp_path / "ids-01"
+    (root / "raw_tif").mkdir(parents=True)
+    (root / "Annotations").mkdir()
+    labels = np.zeros((48, 64), np.uint16)
+    labels[5:20, 5:20] = 44
+    labels[25:40, 30:45] = 300  # 300 as a byte would be 44: one cell
+    for t in range(3):
+        tifffile.imwrite(root / "raw_tif" / f"t{t:03d}.tif", (labels > 0).astype(np.uint16) * 900)
+        Image.fromarray(labels).save(root / "Annotations" / f"{t:05d}.png")
+    ds = CtcDataset(find_ctc_sequences([root]), crop=32, frames=2, seed=0, cell_px=(10.0, 20.0))
+    read = ds._labels("ids-01", 0)
+    assert set(np.unique(read)) == {0, 44, 300}
