@@ -347,8 +347,9 @@ class Propagator:
                 self._backward.pop(t, None)
             kind = "store" if plan.mode == "store" else "yield"
             self._reads[kind][t] = ReadRecord(out.read.times or [], sigma, *pack_labels(probs))
-            # What the forward side memorises is what it yields: per object the surer side's
-            # guess, never a blend of the two.
+            # What the forward side memorises is what it yields: per object one side's guess
+            # (core/fuse.py), never a blend of the two. This is how the far reference of a
+            # stretch reaches the forward pass: it never reads it.
             tracker.remember(t, image, probs, out.query)
             if plan.mode != "store":
                 yield tracker.result(t, probs, tracked)
