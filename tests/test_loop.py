@@ -180,28 +180,6 @@ def test_the_nearer_side_is_kept_unless_the_farther_is_clearly_surer():
     assert fuse.take_backward(far, near, backward_nearer=True).tolist() == [1.0, 0.0, 1.0]
 
 
-def test_a_side_blind_to_an_object_yields_its_pixels_to_the_side_that_tracks_it():
-    # Object 2 was drawn on the backward side's reference only: the forward side gave its
-    # pixels to object 1. Where the backward side holds object 2, object 1 of the forward side
-    # no longer outweighs it.
-    h, w = 8, 8
-    forward = torch.zeros(3, h, w)
-    forward[1, :, :4] = 0.9  # object 1, spilling over where object 2 is
-    forward[0] = 1 - forward[1]
-    backward = torch.zeros(3, h, w)
-    backward[1, :, :2] = 0.9
-    backward[2, :, 2:4] = 0.8
-    backward[0] = 1 - backward[1:].sum(0)
-    take = torch.tensor([0.0, 1.0])  # object 1 from the forward side, object 2 from the backward
-    naive = fuse.merge(forward, backward, take).argmax(0)
-    assert bool((naive[:, 2:4] == 1).all())  # object 1's spill wins
-    unknown = torch.tensor([False, True])
-    fused = fuse.merge(fuse.without_unknown(forward, backward, unknown), backward, take)
-    cls = fused.argmax(0)
-    assert bool((cls[:, 2:4] == 2).all()) and bool((cls[:, :2] == 1).all())
-    torch.testing.assert_close(fused.sum(0), torch.ones(h, w))
-
-
 def test_read_weights_are_the_weights_of_the_memory_read():
     gen = torch.Generator().manual_seed(0)
     keys = torch.nn.functional.normalize(torch.randn(1, 8, 3 * 20, generator=gen), dim=1)

@@ -29,17 +29,6 @@ def take_backward(conf_forward: Tensor, conf_backward: Tensor, backward_nearer: 
     return (conf_backward > conf_forward + NEAR_MARGIN).float()
 
 
-def without_unknown(side: Tensor, other: Tensor, unknown: Tensor) -> Tensor:
-    """``side`` [N+1, H, W] with its objects' probabilities scaled by the probability, in
-    ``other``, that the pixel holds none of the objects ``unknown`` [N] bool that ``side`` does
-    not track (drawn only on the other side's reference): a side gave those objects' pixels to
-    the objects it knows, so what it says of a pixel holds where they are absent."""
-    if not bool(unknown.any()):
-        return side
-    absent = torch.prod(1 - other[1:][unknown.to(other.device)], dim=0, keepdim=True)
-    return torch.cat([side[:1], side[1:] * absent])
-
-
 def merge(forward: Tensor, backward: Tensor, take: Tensor) -> Tensor:
     """Each object's probabilities from ``forward`` or, where ``take`` [N] is 1, ``backward``
     (both [N+1, H, W], background first), merged as soft aggregation merges objects: objects

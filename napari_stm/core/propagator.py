@@ -31,7 +31,7 @@ from napari_stm.core.explain import (
     unpack_masks,
 )
 from napari_stm.core.frames import FrameReader, check_labels, crop_padding
-from napari_stm.core.fuse import merge, take_backward, without_unknown
+from napari_stm.core.fuse import merge, take_backward
 from napari_stm.core.model import MemoryEntry, VOSNetwork
 from napari_stm.core.plan import Pass, affected, check_range, plan_passes, reach
 from napari_stm.core.policy import make_policy
@@ -376,8 +376,4 @@ class Propagator:
         take[back & ~fwd] = 1.0
         take[fwd & ~back] = 0.0
         self._backward[t] = take.clone()
-        return merge(
-            without_unknown(forward, backward, back & ~fwd),
-            without_unknown(backward, forward, fwd & ~back),
-            take,
-        )
+        return merge(forward, backward, take)
