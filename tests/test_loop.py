@@ -7,12 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_network import TinyMatch, mean_iou
+from tiny_network import TinyMatch, TinyMatchWithPrior, mean_iou
 
+from napari_stm.core import fuse
 from napari_stm.core.engine import PropagationConfig, Propagator, Tracker
 from napari_stm.core.errors import InputError
 from napari_stm.core.readout import memory_read, motion_prior, read_weights
-from napari_stm.synthetic import make_clip
+from napari_stm.synthetic import make_clip, make_timelapse
 
 T, H, W = 16, 64, 96
 CPU = PropagationConfig(device="cpu")
@@ -123,6 +124,24 @@ def test_a_correct_reference_never_lowers_j_on_the_frames_it_reaches(seed):
         labels.update(new)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_correct_far_reference_does_not_lower_j_against_one_reference(seed):
+    # Look-alike cells, told apart only by where they were (the motion prior): a read of a
+    # reference 15 frames away matches every cell alike and mixes identities. Read by both
+    # sides of the stretch, the last frame's true mask lowered J on the frames between against
+    # the first frame's alone (0.44-0.46 against 0.49-0.55); it must only add.
+    frames, labels = make_timelapse(16, 96, 96, n_cells=6, seed=seed, dtype=np.uint8)
+    labels = np.where(labels <= 6, labels, 1)  # lineage: cell 1's daughter keeps its id
+    ids = [int(i) for i in np.unique(labels[0]) if i]
+    model = TinyMatchWithPrior()
+    j = {}
+    for name, refs in (("one", (0,)), ("two", (0, 15))):
+        _, results = propagate(model, frames, {t: labels[t] for t in refs}, direction="both")
+        j[name] = mean_iou({r.t: r.labels for r in results if 0 < r.t < 15}, labels, ids)
+    print(f"seed {seed}: frames 1-14 J {j['one']:.3f} from frame 0, {j['two']:.3f} from 0 and 15")
+    assert j["two"] >= j["one"]
+
+
 def test_fusion_takes_each_object_from_the_surer_side(tiny_model, clip):
     video, gt = clip
     prop = Propagator(tiny_model, video, CPU)
@@ -149,6 +168,16 @@ def test_fusion_takes_each_object_from_the_surer_side(tiny_model, clip):
     assert bool((cls[10:30, 10:30] == 1).all()) and bool((cls[30:50, 40:70] == 2).all())
     # neither smeared side leaks into the result
     assert int((cls == 1).sum()) == 400 and int((cls == 2).sum()) == 600
+
+
+def test_the_nearer_side_is_kept_unless_the_farther_is_clearly_surer():
+    # A side far from its reference, already wrong, can score as high as the nearer one: the
+    # farther side wins only by more than NEAR_MARGIN.
+    near, far = torch.tensor([0.95, 0.95, 0.5]), torch.tensor([0.955, 0.99, 0.5])
+    m = fuse.NEAR_MARGIN
+    assert 0.955 - 0.95 < m < 0.99 - 0.95
+    assert fuse.take_backward(near, far, backward_nearer=False).tolist() == [0.0, 1.0, 0.0]
+    assert fuse.take_backward(far, near, backward_nearer=True).tolist() == [1.0, 0.0, 1.0]
 
 
 def test_read_weights_are_the_weights_of_the_memory_read():

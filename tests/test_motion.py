@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_network import TinyMatch, mean_iou
+from tiny_network import TinyMatch, TinyMatchWithPrior, mean_iou
 
 from napari_stm.core import motion
 from napari_stm.core.engine import PropagationConfig, Propagator, Tracker
@@ -57,10 +57,6 @@ def test_state_round_trip():
     for e in (est, again):
         e.observe(2, square(20, 10))
     assert again.speed == est.speed
-
-
-class TinyMatchWithPrior(TinyMatch):
-    motion_prior = True
 
 
 def look_alike_cells_iou(model: TinyMatch, motion_sigma: float | None) -> float:

@@ -69,6 +69,13 @@ class TinyMatch(VOSNetwork):
         return probs.squeeze(1).clamp(0.0, 1.0)
 
 
+class TinyMatchWithPrior(TinyMatch):
+    """TinyMatch with the engine's motion prior (as stm-lite): look-alike objects told apart by
+    where they were."""
+
+    motion_prior = True
+
+
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two boolean masks (1.0 when both are empty)."""
     union = np.logical_or(a, b).sum()

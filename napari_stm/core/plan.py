@@ -3,10 +3,11 @@
 A pass is one tracker walking frames in order from a reference. ``forward`` is one pass from the
 first reference to the end of the range, ``backward`` one pass from the last reference back to
 its start; ``both`` walks outwards from the outer references and, between two references, first
-backwards (its probabilities stored) and then forwards, taking each object from the surer side.
-A pass reads only the references among its own frames and at the ends of its stretch
-(:attr:`Pass.reads`), so in ``both`` a reference changes exactly the frames between the
-references either side of it (:func:`affected`).
+backwards (its probabilities stored) and then forwards, taking each object from one side
+(core/fuse.py). A pass reads only the references among its own frames (:attr:`Pass.reads`): a
+stretch's pass reads the reference it starts from, and the other end reaches its frames through
+the fusion. So in ``both`` a reference changes exactly the frames between the references either
+side of it (:func:`affected`).
 Ranges are ``[start, stop)``: ``stop`` is the frame after the last.
 """
 
@@ -35,11 +36,13 @@ class Pass:
 
     @property
     def reads(self) -> set[int]:
-        """The frames whose references this pass reads: its own and its stretch's ends. A far
-        reference is never read: among look-alike objects (cells) a read across many frames
-        matches by appearance alone and mixes identities."""
-        ends = set(self.span) if self.mode != "plain" else set()
-        return set(self.frames) | ends
+        """The frames whose references this pass reads: its own. Between two references a
+        pass does not read the far end of its stretch: read across many frames a reference is
+        matched by appearance alone; among look-alike objects (cells) that mixes identities,
+        and on DAVIS training sequences it sank the pass it was meant to help (horsejump-low,
+        60 frames: forward side J 0.80 alone, 0.72 reading the far end). docs/architecture.md,
+        "Frames between two references", has the measurements."""
+        return set(self.frames)
 
     @property
     def yields(self) -> list[int]:

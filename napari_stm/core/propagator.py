@@ -2,8 +2,8 @@
 
 The :class:`Propagator` asks the planner (core/plan.py) which passes a direction needs, runs one
 :class:`~napari_stm.core.tracker.Tracker` per pass with the references that pass reads, reads
-frames (ahead, when configured) and, between two references, takes each object from the side
-that is surer of it. Progress and cancellation are per frame. Each computed frame leaves a small
+frames (ahead, when configured) and, between two references, takes each object from one side
+(core/fuse.py). Progress and cancellation are per frame. Each computed frame leaves a small
 record of its read, from which :meth:`Propagator.explain` rebuilds where a pixel came from.
 """
 
@@ -31,6 +31,7 @@ from napari_stm.core.explain import (
     unpack_masks,
 )
 from napari_stm.core.frames import FrameReader, Geometry, check_labels, crop_padding
+from napari_stm.core.fuse import merge, take_backward
 from napari_stm.core.model import MemoryEntry, VOSNetwork
 from napari_stm.core.plan import Pass, affected, check_range, plan_passes, reach
 from napari_stm.core.policy import make_policy
@@ -360,8 +361,9 @@ class Propagator:
                 self._backward.pop(t, None)
             kind = "store" if plan.mode == "store" else "yield"
             self._reads[kind][t] = ReadRecord(out.read.times or [], sigma, *pack_labels(probs))
-            # What the forward side memorises is what it yields: per object the surer side's
-            # guess, never a blend of the two.
+            # What the forward side memorises is what it yields: per object one side's guess
+            # (core/fuse.py), never a blend of the two. This is how the far reference of a
+            # stretch reaches the forward pass: it never reads it.
             tracker.remember(t, image, probs, out.query)
             if plan.mode != "store":
                 yield tracker.result(t, probs, tracked)
@@ -377,23 +379,15 @@ class Propagator:
         )
 
     def _fuse(self, t: int, forward: Tensor, stored: np.ndarray, span: tuple[int, int]) -> Tensor:
-        """Frame ``t`` between references ``span``: each object from the side that is surer of
-        it (its confidence, :func:`~napari_stm.core.quality.object_confidence`; the nearer side
-        on a tie), merged as soft aggregation merges objects. Every fused frame goes through
-        here."""
+        """Frame ``t`` between references ``span``: each object from one side, the nearer
+        unless the farther is clearly surer (core/fuse.py); an object drawn on only one of the
+        two references from that side. Every fused frame goes through here."""
         a, b = span
         backward = torch.from_numpy(np.asarray(stored[t - a - 1])).to(forward) / 255.0
         c_fwd = object_confidence(crop_padding(forward, self.geo)).cpu()
-        c_back = self._stored_conf[t]
-        take = (c_back > c_fwd).float()
-        take[c_back == c_fwd] = float(t - a > b - t)
+        take = take_backward(c_fwd, self._stored_conf[t], backward_nearer=b - t < t - a)
         fwd, back = self._sides(span)
         take[back & ~fwd] = 1.0
         take[fwd & ~back] = 0.0
         self._backward[t] = take.clone()
-        w = take.to(forward)[:, None, None]
-        obj = (1 - w) * forward[1:] + w * backward[1:]
-        # Objects taken from different sides may overlap: background and normalisation as the
-        # soft aggregation's (background = prod(1 - p_k)).
-        fused = torch.cat([torch.prod(1 - obj, dim=0, keepdim=True), obj])
-        return fused / fused.sum(0, keepdim=True).clamp_min(1e-6)
+        return merge(forward, backward, take)
