@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from napari_stm.core import crops
 from napari_stm.core.backbones import LITE0_FEATURE_BLOCKS, efficientnet_lite0, lite0_normalize
 from napari_stm.core.model import MemoryEntry, QueryFeatures, VOSNetwork
 from napari_stm.core.network import ResBlock
@@ -51,6 +52,19 @@ MAX_SCALE = 40.0
 INITIAL_SCALE = 20.0
 #: the read-out's soft mask is clamped to this before its logit is taken
 PRIOR_EPS = 0.01
+#: Windows of the per-object convolutions (core/crops.py), in stride-16 cells. Decoder: an
+#: object is where its read-out's soft mask exceeds DECODE_THRESHOLD, the window's core is
+#: that grown by DECODE_REACH, and its context DECODE_CONTEXT cells (the decoder's receptive
+#: field: two 3x3 convolutions at stride 16, two at 8, three at 4, three bilinear upsamplings,
+#: about 4.5 cells). Value encoder: an object is where its mask exceeds ENCODE_THRESHOLD, a
+#: mask pixel changes values up to ENCODE_REACH cells away (receptive field 63 pixels) and the
+#: core needs ENCODE_CONTEXT cells of context.
+DECODE_THRESHOLD = 0.02
+DECODE_REACH = 2
+DECODE_CONTEXT = 2
+ENCODE_THRESHOLD = 0.01
+ENCODE_REACH = 2
+ENCODE_CONTEXT = 3
 
 
 class Bottleneck(nn.Module):
@@ -162,16 +176,32 @@ class Decoder(nn.Module):
     def forward(self, read: Tensor, f16: Tensor, skip8: Tensor, skip4: Tensor, n: int) -> Tensor:
         """read [B*N, d16 + 1, h, w] (projected values, see :meth:`project`); f16, skip8,
         skip4 per frame [B, ...] -> logits [B*N, 1, 4h, 4w]."""
-        # The frame's share of convFM: once per frame, not once per object.
-        frame = F.conv2d(f16, self.convFM.weight[:, -C16:], self.convFM.bias)
-        m16 = self.ResMM(read[:, :-1] + frame.repeat_interleave(n, dim=0))
-        m8 = self.RF3(skip8.repeat_interleave(n, dim=0), m16)
-        m4 = self.RF2(skip4.repeat_interleave(n, dim=0), m8)
+        return self.objects(
+            read,
+            self.frame(f16).repeat_interleave(n, dim=0),
+            skip8.repeat_interleave(n, dim=0),
+            skip4.repeat_interleave(n, dim=0),
+        )
+
+    def frame(self, f16: Tensor) -> Tensor:
+        """The frame's share of convFM: once per frame, not once per object."""
+        return F.conv2d(f16, self.convFM.weight[:, -C16:], self.convFM.bias)
+
+    def objects(self, read: Tensor, frame: Tensor, skip8: Tensor, skip4: Tensor) -> Tensor:
+        """The per-object part: read [G, d16 + 1, h, w] with the frame's maps of the same
+        windows (:meth:`frame`, the skips), one per object or one for all -> logits."""
+        m16 = self.ResMM(read[:, :-1] + frame)
+        m8 = self.RF3(skip8, m16)
+        m4 = self.RF2(skip4, m8)
+        return self.pred(F.relu(m4)) + self.prior_logit(read, m4.shape[-2:], m4.dtype)
+
+    def prior_logit(self, read: Tensor, size: tuple[int, int], dtype: torch.dtype) -> Tensor:
+        """The read-out's soft mask as a logit at ``size``, times its gain."""
         prior = read[:, -1:].float().clamp(PRIOR_EPS, 1 - PRIOR_EPS)
         prior = F.interpolate(
-            torch.log(prior / (1 - prior)), size=m4.shape[-2:], mode="bilinear", align_corners=False
+            torch.log(prior / (1 - prior)), size=size, mode="bilinear", align_corners=False
         )
-        return self.pred(F.relu(m4)) + self.prior_gain * prior.to(m4.dtype)
+        return self.prior_gain * prior.to(dtype)
 
 
 class STMLite(VOSNetwork):
@@ -192,6 +222,10 @@ class STMLite(VOSNetwork):
     #: frames) 92.4 at a longer side of 512, 92.1 at 640, 92.0 at 427, 91.4 at full size, and
     #: 512 is 3x faster than full 480p (docs/model_card.md).
     working_side = 512
+    #: Per-object convolutions (value encoder, decoder) run on a window around each object
+    #: whose window covers at most this share of the frame (core/crops.py): many small objects
+    #: cost little more than one. 0: every object on the whole frame, the exact network.
+    crop_share = 0.5
 
     def __init__(
         self,
@@ -263,8 +297,17 @@ class STMLite(VOSNetwork):
         masks4 = masks4.to(query.key.dtype)
         others = (masks4.sum(dim=1, keepdim=True) - masks4).clamp(0, 1)
         f8, _ = query.skips
-        values = self.value_encoder(query.extra["image"], masks4, others, f8, query.extra["f16"])
-        values = self.decoder.project(values)
+        image, f16 = query.extra["image"], query.extra["f16"]
+        plan = None
+        if self._crops_on(b):
+            cells = F.max_pool2d(masks4[0][:, None], 16)[:, 0]
+            plan = crops.plan_crops(
+                cells, ENCODE_THRESHOLD, ENCODE_REACH, ENCODE_CONTEXT, self.crop_share
+            )
+        if plan is not None and plan.cropped:
+            values = self._encode_cropped(image, masks4[0], others[0], f8, f16, plan)[None]
+        else:
+            values = self.decoder.project(self.value_encoder(image, masks4, others, f8, f16))
         return MemoryEntry(keys=query.key, values=values if batched else values[0])
 
     def segment(
@@ -302,18 +345,99 @@ class STMLite(VOSNetwork):
             ]
         )  # [B, N, Cv, h*w]
         f8, f4 = query.skips
-        out = self.decoder(
-            read.reshape(b * n, -1, h, w),
-            query.extra["f16"],
-            self.decoder.RF3.skip(f8),
-            self.decoder.RF2.skip(f4),
-            n,
-        )
+        read = read.reshape(b * n, -1, h, w)
+        skip8, skip4 = self.decoder.RF3.skip(f8), self.decoder.RF2.skip(f4)
+        plan = None
+        if self._crops_on(b):
+            plan = crops.plan_crops(
+                read[:, -1], DECODE_THRESHOLD, DECODE_REACH, DECODE_CONTEXT, self.crop_share
+            )
+        if plan is not None and plan.cropped:
+            out = self._decode_cropped(read, query.extra["f16"], skip8, skip4, plan)
+        else:
+            out = self.decoder(read, query.extra["f16"], skip8, skip4, n)
         out = F.interpolate(out, scale_factor=4, mode="bilinear", align_corners=False)
         out = out.reshape(b, n, *out.shape[-2:])
         if not logits:
             out = torch.sigmoid(out)
         return out if batched else out[0]
+
+    # -- windows around small objects (core/crops.py) ----------------------------------------
+    def _crops_on(self, batch: int) -> bool:
+        # Inference only: training batches clips and differentiates the whole frame.
+        return self.crop_share > 0 and batch == 1 and not self.training
+
+    def _decode_cropped(
+        self, read: Tensor, f16: Tensor, skip8: Tensor, skip4: Tensor, plan: crops.CropPlan
+    ) -> Tensor:
+        """The decoder of :meth:`segment` (read [N, d16 + 1, h, w], one frame), per object on
+        its window -> logits [N, 1, 4h, 4w]."""
+        dec = self.decoder
+        frame = dec.frame(f16)
+        h, w = read.shape[-2:]
+        # Away from an object (outside its core) its memory values are those of an empty mask,
+        # the same for every object (see _encode_cropped), so its read-out there is the same
+        # "background" read for every object: the mean of the read-outs of the objects whose
+        # core does not hold the cell. Decoded once for the whole frame, it gives every
+        # object's refinement outside its core; the read-out's soft mask stays the object's own.
+        far = torch.ones_like(read[:, -1])  # [N, h, w]
+        for group in plan.groups:
+            for i, core in zip(group.objects, group.cores, strict=True):
+                far[i, core.top : core.bottom, core.left : core.right] = 0
+        far[plan.full] = 0
+        count = far.sum(dim=0)
+        background = torch.einsum("nhw,nchw->chw", far, read) / count.clamp(min=1)
+        background = torch.where(count > 0, background, read.mean(dim=0))[None]
+        refined = dec.objects(background, frame, skip8, skip4)
+        refined = refined - dec.prior_logit(background, refined.shape[-2:], refined.dtype)
+        out = dec.prior_logit(read, (4 * h, 4 * w), frame.dtype) + refined.to(frame.dtype)
+        if plan.full:
+            out[plan.full] = dec.objects(read[plan.full], frame, skip8, skip4).to(out.dtype)
+        for group in plan.groups:
+            wins = group.windows
+            logits = dec.objects(
+                crops.gather(read[group.objects], wins, 1),
+                crops.gather(frame, wins, 1),
+                crops.gather(skip8, wins, 2),
+                crops.gather(skip4, wins, 4),
+            )
+            crops.paste(out, group.objects, logits.to(out.dtype), group, 4)
+        return out
+
+    def _encode_cropped(
+        self,
+        image: Tensor,
+        masks: Tensor,
+        others: Tensor,
+        f8: Tensor,
+        f16: Tensor,
+        plan: crops.CropPlan,
+    ) -> Tensor:
+        """Projected values [N, Cv', h, w] of one frame (masks, others [N, H, W]), per object
+        on its window.
+
+        Away from its mask an object's values are those of an empty mask with every object as
+        "others": the same for all objects, so they are encoded once (the background) and each
+        object's window is pasted over them.
+        """
+        enc, project = self.value_encoder, self.decoder.project
+        union = masks.sum(dim=0, keepdim=True).clamp(0, 1)[None]  # [1, 1, H, W]
+        background = project(enc(image, torch.zeros_like(union), union, f8, f16))[0, 0]
+        out = background.expand(masks.shape[0], -1, -1, -1).clone()
+        if plan.full:
+            idx = plan.full
+            out[idx] = project(enc(image, masks[idx][None], others[idx][None], f8, f16))[0]
+        for group in plan.groups:
+            wins, idx = group.windows, group.objects
+            values = enc(
+                crops.gather(image, wins, 16),
+                crops.gather(masks[idx][:, None], wins, 16),
+                crops.gather(others[idx][:, None], wins, 16),
+                crops.gather(f8, wins, 2),
+                crops.gather(f16, wins, 1),
+            )  # [G, 1, Cv, wh, ww]: G one-object frames
+            crops.paste(out, idx, project(values)[:, 0], group, 1)
+        return out
 
     def read_query(self, query: QueryFeatures) -> tuple[Tensor, float | None]:
         qk = query.key
