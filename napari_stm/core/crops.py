@@ -89,7 +89,8 @@ def plan_crops(
     An object's core is the bounding box of its cells above ``threshold``, grown by ``reach``
     cells; its window is the core grown by ``context`` cells, its sides rounded up to
     :data:`SIDE_STEP` cells, within the grid. Objects whose window covers more than
-    ``max_share`` of the grid run on the whole frame.
+    ``max_share`` of the grid run on the whole frame, and all of them do when the windows
+    would not save a whole frame's pass.
     """
     n, h, w = maps.shape
     present = maps > threshold
@@ -126,7 +127,14 @@ def plan_crops(
         group.objects.append(i)
         group.windows.append(window)
         group.cores.append(core)
-    return CropPlan(full, list(by_size.values()), absent)
+    groups = list(by_size.values())
+    # Windows cost one whole-frame pass more (the background every object shares outside its
+    # window): not worth it unless the windows together are smaller than the frames they save.
+    windows = sum(len(g.objects) * g.windows[0].size[0] * g.windows[0].size[1] for g in groups)
+    saved = sum(len(g.objects) for g in groups) + len(absent)
+    if h * w + windows >= saved * h * w:
+        return CropPlan(list(range(n)), [], [])
+    return CropPlan(full, groups, absent)
 
 
 def _window(core: Box, context: int, h: int, w: int) -> Box:
@@ -154,6 +162,13 @@ def gather(x: Tensor, windows: list[Box], factor: int) -> Tensor:
         rows, cols = box.scaled(factor)
         crops.append(x[0 if x.shape[0] == 1 else g, :, rows, cols])
     return torch.stack(crops)
+
+
+def positions(box: Box, width: int) -> Tensor:
+    """Flat indices (row-major, in a grid ``width`` cells wide) of the cells of ``box``."""
+    rows = torch.arange(box.top, box.bottom)[:, None]
+    cols = torch.arange(box.left, box.right)[None, :]
+    return (rows * width + cols).flatten()
 
 
 def paste(out: Tensor, objects: list[int], crops: Tensor, group: CropGroup, factor: int) -> None:

@@ -38,7 +38,7 @@ from napari_stm.core import crops
 from napari_stm.core.backbones import LITE0_FEATURE_BLOCKS, efficientnet_lite0, lite0_normalize
 from napari_stm.core.model import MemoryEntry, QueryFeatures, VOSNetwork
 from napari_stm.core.network import ResBlock
-from napari_stm.core.readout import MotionPrior, memory_read
+from napari_stm.core.readout import CHUNK_ELEMENTS, MotionPrior, dense_weights, memory_read
 
 #: Lite0 channels at strides 4, 8 and 16
 C4, C8, C16 = 24, 40, 112
@@ -64,7 +64,10 @@ DECODE_REACH = 2
 DECODE_CONTEXT = 2
 ENCODE_THRESHOLD = 0.01
 ENCODE_REACH = 2
-ENCODE_CONTEXT = 3
+ENCODE_CONTEXT = 2
+#: a memory cell an object covers more than this (a share of its pixels) is the object's own,
+#: not background (see _background_values)
+BACKGROUND_COVERAGE = 1e-3
 
 
 class Bottleneck(nn.Module):
@@ -338,24 +341,24 @@ class STMLite(VOSNetwork):
             )
         h, w = query.key.shape[-2:]
         reader, _ = self.read_query(query)
-        read = torch.stack(
-            [
-                memory_read(keys[i : i + 1], values[i], reader[i : i + 1], top_k, 1.0, prior)
-                for i in range(b)
-            ]
-        )  # [B, N, Cv, h*w]
         f8, f4 = query.skips
-        read = read.reshape(b * n, -1, h, w)
         skip8, skip4 = self.decoder.RF3.skip(f8), self.decoder.RF2.skip(f4)
-        plan = None
-        if self._crops_on(b):
-            plan = crops.plan_crops(
-                read[:, -1], DECODE_THRESHOLD, DECODE_REACH, DECODE_CONTEXT, self.crop_share
-            )
-        if plan is not None and plan.cropped:
-            out = self._decode_cropped(read, query.extra["f16"], skip8, skip4, plan)
-        else:
-            out = self.decoder(read, query.extra["f16"], skip8, skip4, n)
+        out = None
+        if (
+            self._crops_on(b)
+            and n > 1
+            and top_k is None
+            and h * w * keys.shape[-1] <= CHUNK_ELEMENTS
+        ):
+            out = self._segment_windows(query, keys, values[0], reader, prior, skip8, skip4)
+        if out is None:
+            read = torch.stack(
+                [
+                    memory_read(keys[i : i + 1], values[i], reader[i : i + 1], top_k, 1.0, prior)
+                    for i in range(b)
+                ]
+            )  # [B, N, Cv, h*w]
+            out = self.decoder(read.reshape(b * n, -1, h, w), query.extra["f16"], skip8, skip4, n)
         out = F.interpolate(out, scale_factor=4, mode="bilinear", align_corners=False)
         out = out.reshape(b, n, *out.shape[-2:])
         if not logits:
@@ -367,36 +370,58 @@ class STMLite(VOSNetwork):
         # Inference only: training batches clips and differentiates the whole frame.
         return self.crop_share > 0 and batch == 1 and not self.training
 
-    def _decode_cropped(
-        self, read: Tensor, f16: Tensor, skip8: Tensor, skip4: Tensor, plan: crops.CropPlan
+    def _segment_windows(
+        self,
+        query: QueryFeatures,
+        keys: Tensor,
+        values: Tensor,
+        reader: Tensor,
+        prior: MotionPrior | None,
+        skip8: Tensor,
+        skip4: Tensor,
     ) -> Tensor:
-        """The decoder of :meth:`segment` (read [N, d16 + 1, h, w], one frame), per object on
-        its window -> logits [N, 1, 4h, 4w]."""
+        """The read and the decoder of :meth:`segment` (one frame; values [N, Cv, M]), each
+        object read and decoded on a window around where its read-out's soft mask is -> logits
+        [N, 1, 4h, 4w].
+
+        Away from an object (outside its core) its memory values are those of an empty mask,
+        the same for every object (see :meth:`_encode_cropped`), so its read-out there is the
+        same "background" read for every object. That read, decoded once for the whole frame,
+        gives every object's refinement outside its window; the read-out's soft mask (cheap:
+        one channel per object) stays each object's own everywhere.
+        """
         dec = self.decoder
+        f16 = query.extra["f16"]
+        h, w = query.key.shape[-2:]
+        n, cv, m = values.shape
+        weights = dense_weights(keys, reader, 1.0, prior).to(values.dtype)  # [P, M]
+        coverage = (weights @ values[:, -1].T).T.reshape(n, 1, h, w)
+        plan = crops.plan_crops(
+            coverage[:, 0], DECODE_THRESHOLD, DECODE_REACH, DECODE_CONTEXT, self.crop_share
+        )
+
+        def read(idx: list[int]) -> Tensor:
+            v = values[idx].reshape(len(idx) * cv, m)
+            return (weights @ v.T).T.reshape(len(idx), cv, h, w).to(reader.dtype)
+
+        if not plan.cropped:
+            return dec(read(list(range(n))), f16, skip8, skip4, n)
         frame = dec.frame(f16)
-        h, w = read.shape[-2:]
-        # Away from an object (outside its core) its memory values are those of an empty mask,
-        # the same for every object (see _encode_cropped), so its read-out there is the same
-        # "background" read for every object: the mean of the read-outs of the objects whose
-        # core does not hold the cell. Decoded once for the whole frame, it gives every
-        # object's refinement outside its core; the read-out's soft mask stays the object's own.
-        far = torch.ones_like(read[:, -1])  # [N, h, w]
-        for group in plan.groups:
-            for i, core in zip(group.objects, group.cores, strict=True):
-                far[i, core.top : core.bottom, core.left : core.right] = 0
-        far[plan.full] = 0
-        count = far.sum(dim=0)
-        background = torch.einsum("nhw,nchw->chw", far, read) / count.clamp(min=1)
-        background = torch.where(count > 0, background, read.mean(dim=0))[None]
+        bg_values = _background_values(values, (h, w))  # [Cv, M]
+        background = (weights @ bg_values.T).T.reshape(1, cv, h, w).to(reader.dtype)
         refined = dec.objects(background, frame, skip8, skip4)
         refined = refined - dec.prior_logit(background, refined.shape[-2:], refined.dtype)
-        out = dec.prior_logit(read, (4 * h, 4 * w), frame.dtype) + refined.to(frame.dtype)
+        out = dec.prior_logit(coverage, (4 * h, 4 * w), frame.dtype) + refined.to(frame.dtype)
         if plan.full:
-            out[plan.full] = dec.objects(read[plan.full], frame, skip8, skip4).to(out.dtype)
+            out[plan.full] = dec.objects(read(plan.full), frame, skip8, skip4).to(out.dtype)
         for group in plan.groups:
             wins = group.windows
+            wh, ww = wins[0].size
+            rows = torch.stack([crops.positions(win, w) for win in wins]).to(weights.device)
+            window_read = torch.bmm(weights[rows], values[group.objects].transpose(1, 2))
+            window_read = window_read.transpose(1, 2).reshape(len(wins), cv, wh, ww)
             logits = dec.objects(
-                crops.gather(read[group.objects], wins, 1),
+                window_read.to(reader.dtype),
                 crops.gather(frame, wins, 1),
                 crops.gather(skip8, wins, 2),
                 crops.gather(skip4, wins, 4),
@@ -453,3 +478,18 @@ class STMLite(VOSNetwork):
             raise ValueError(
                 f"stm-lite needs image sides that are multiples of {self.pad_multiple}, got {h}x{w}"
             )
+
+
+def _background_values(values: Tensor, grid: tuple[int, int]) -> Tensor:
+    """What an empty mask's memory values are, [Cv, M], from the objects' values [N, Cv, M]:
+    at each memory position the mean over the objects that are not within ENCODE_REACH cells
+    of it (their values there are exactly the empty mask's); over all objects where none is."""
+    n, cv, m = values.shape
+    h, w = grid
+    cover = values[:, -1].reshape(-1, 1, h, w) > BACKGROUND_COVERAGE
+    reach = 2 * ENCODE_REACH + 1
+    near = F.max_pool2d(cover.to(values.dtype), reach, stride=1, padding=ENCODE_REACH)
+    far = 1 - near.reshape(n, m)
+    count = far.sum(dim=0)
+    mean = torch.einsum("nm,ncm->cm", far, values) / count.clamp(min=1)
+    return torch.where(count > 0, mean, values.mean(dim=0))
