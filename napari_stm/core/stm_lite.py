@@ -54,15 +54,17 @@ INITIAL_SCALE = 20.0
 PRIOR_EPS = 0.01
 #: Windows of the per-object convolutions (core/crops.py), in stride-16 cells. Decoder: an
 #: object is where its read-out's soft mask exceeds DECODE_THRESHOLD, the window's core is
-#: that grown by DECODE_REACH, and its context DECODE_CONTEXT cells (the decoder's receptive
-#: field: two 3x3 convolutions at stride 16, two at 8, three at 4, three bilinear upsamplings,
-#: about 4.5 cells). Value encoder: an object is where its mask exceeds ENCODE_THRESHOLD, a
-#: mask pixel changes values up to ENCODE_REACH cells away (receptive field 63 pixels) and the
-#: core needs ENCODE_CONTEXT cells of context.
+#: that grown by DECODE_REACH, and the convolutions see DECODE_CONTEXT more cells. Value
+#: encoder: an object is where its mask exceeds ENCODE_THRESHOLD (the faint edges of a
+#: segmented frame's probabilities below it grew windows by a third), a mask pixel changes
+#: values up to ENCODE_REACH cells away (receptive field 63 pixels) and ENCODE_CONTEXT cells
+#: of context make the core's values those of the whole frame (to float rounding). Chosen by
+#: measurement (docs/performance.md): DECODE_REACH 1 or DECODE_THRESHOLD 0.1 moved
+#: probabilities by up to 0.25; a wider context changed nothing that counts.
 DECODE_THRESHOLD = 0.02
 DECODE_REACH = 2
 DECODE_CONTEXT = 2
-ENCODE_THRESHOLD = 0.01
+ENCODE_THRESHOLD = 0.1
 ENCODE_REACH = 2
 ENCODE_CONTEXT = 2
 #: a memory cell an object covers more than this (a share of its pixels) is the object's own,
@@ -104,13 +106,22 @@ class ValueEncoder(nn.Module):
         self.block = Bottleneck(value_dim - 1, 64)
 
     def forward(
-        self, image: Tensor, masks: Tensor, others: Tensor, f8: Tensor, f16: Tensor
+        self,
+        image: Tensor,
+        masks: Tensor,
+        others: Tensor,
+        f8: Tensor,
+        f16: Tensor,
+        stem: Tensor | None = None,
     ) -> Tensor:
         """image [B, 3, H, W] (normalised), masks/others [B, N, H, W], f8/f16 [B, C, h, w]
-        -> values [B, N, Cv, H/16, W/16]."""
+        -> values [B, N, Cv, H/16, W/16]. ``stem``: ``stem_image(image)`` when already known
+        (windows cut from the whole frame's)."""
         b, n = masks.shape[:2]
         stack = torch.stack([masks, others], dim=2).flatten(0, 1)  # [B*N, 2, H, W]
-        x = self.stem_masks(stack) + self.stem_image(image).repeat_interleave(n, dim=0)
+        if stem is None:
+            stem = self.stem_image(image)
+        x = self.stem_masks(stack) + stem.repeat_interleave(n, dim=0)
         x = F.relu(x)
         x = F.relu(self.down4(x))
         x = F.relu(self.down8(x))
@@ -447,11 +458,12 @@ class STMLite(VOSNetwork):
         """
         enc, project = self.value_encoder, self.decoder.project
         union = masks.sum(dim=0, keepdim=True).clamp(0, 1)[None]  # [1, 1, H, W]
-        background = project(enc(image, torch.zeros_like(union), union, f8, f16))[0, 0]
+        stem = enc.stem_image(image)  # the frame's part, once: windows are cut from it
+        background = project(enc(image, torch.zeros_like(union), union, f8, f16, stem))[0, 0]
         out = background.expand(masks.shape[0], -1, -1, -1).clone()
         if plan.full:
             idx = plan.full
-            out[idx] = project(enc(image, masks[idx][None], others[idx][None], f8, f16))[0]
+            out[idx] = project(enc(image, masks[idx][None], others[idx][None], f8, f16, stem))[0]
         for group in plan.groups:
             wins, idx = group.windows, group.objects
             values = enc(
@@ -460,6 +472,7 @@ class STMLite(VOSNetwork):
                 crops.gather(others[idx][:, None], wins, 16),
                 crops.gather(f8, wins, 2),
                 crops.gather(f16, wins, 1),
+                crops.gather(stem, wins, 8),
             )  # [G, 1, Cv, wh, ww]: G one-object frames
             crops.paste(out, idx, project(values)[:, 0], group, 1)
         return out
@@ -491,5 +504,6 @@ def _background_values(values: Tensor, grid: tuple[int, int]) -> Tensor:
     near = F.max_pool2d(cover.to(values.dtype), reach, stride=1, padding=ENCODE_REACH)
     far = 1 - near.reshape(n, m)
     count = far.sum(dim=0)
-    mean = torch.einsum("nm,ncm->cm", far, values) / count.clamp(min=1)
+    # A product and a sum, not einsum("nm,ncm->cm"): einsum took 160 ms here for 100 objects.
+    mean = (values * far[:, None]).sum(dim=0) / count.clamp(min=1)
     return torch.where(count > 0, mean, values.mean(dim=0))
