@@ -21,6 +21,11 @@ What differs from the paper's ResNet-50 STM, and why:
   skip branches depend only on the frame, so they run once per frame, not once per object. Its
   output adds to the logit of the read-out's soft mask, so the decoder learns a refinement.
 
+Many small objects: the per-object value encoder, read and decoder run on a window around each
+object whose window is at most :attr:`STMLite.crop_share` of the frame, the rest of the frame
+from a background shared by all objects (:meth:`STMLite._encode_cropped`,
+:meth:`STMLite._segment_windows`, core/crops.py); ``crop_share = 0`` is the whole-frame network.
+
 Batched use (training): ``encode_query`` takes [B, 3, H, W]; ``encode_memory`` masks [B, N, H, W];
 ``segment`` memory keys [B, Ck, M] and values [B, N, Cv, M] and returns [B, N, H, W]. With B = 1 and
 the engine's 3-D shapes this is exactly the :class:`VOSNetwork` contract.
