@@ -159,6 +159,32 @@ def read_weights(
     return torch.softmax(aff, dim=-1)
 
 
+def dense_weights(
+    mem_keys: Tensor, query_key: Tensor, scale: float, prior: MotionPrior | None = None
+) -> Tensor:
+    """The weights [P, M] with which each query position reads each memory position (keys
+    shared by all objects: mem_keys [1, Ck, M], query_key [1, Ck, P]), float32.
+
+    The dense read's affinity, prior and softmax, kept whole so that each object can then be
+    read at a few positions only (stm-lite's windows around small objects). Only for reads
+    whose [P, M] is small (at most :data:`CHUNK_ELEMENTS`).
+    """
+    keys = mem_keys[0].float()
+    query = query_key[0].float()
+    p, m = query.shape[-1], keys.shape[-1]
+    out = keys.new_empty(p, m)
+    step = QUERY_CHUNK if query.device.type == "cpu" else max(1, CHUNK_ELEMENTS // max(1, m))
+    with torch.autocast(query_key.device.type, enabled=False):
+        for start in range(0, p, step):
+            q = query[:, start : start + step].T
+            if prior is None:
+                aff = (q @ keys).mul_(scale)
+            else:
+                aff = torch.addmm(prior.bias(start, start + q.shape[0]), q, keys, alpha=scale)
+            out[start : start + q.shape[0]] = torch.softmax(_floored(aff), dim=1)
+    return out
+
+
 def motion_prior(
     gaps: Tensor, grid: tuple[int, int], sigma: float, cap: float = MOTION_CAP
 ) -> MotionPrior:
@@ -280,5 +306,6 @@ def soft_aggregate(
     em = objects.new_zeros(*lead, 1 + n + extra_slots, h, w)
     em[..., 0, :, :] = torch.prod(1 - objects, dim=-3)
     em[..., 1 : n + 1, :, :] = objects
-    em = em.clamp(eps, 1 - eps)
-    return torch.log(em / (1 - em))
+    # One pass (clamp to [eps, 1 - eps], then log(q / (1 - q)), the same numbers) instead of
+    # three over [1 + N, H, W]: 0.2 s of a 100-object 480p frame on CPU.
+    return torch.logit(em, eps=eps)

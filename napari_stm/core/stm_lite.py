@@ -21,6 +21,11 @@ What differs from the paper's ResNet-50 STM, and why:
   skip branches depend only on the frame, so they run once per frame, not once per object. Its
   output adds to the logit of the read-out's soft mask, so the decoder learns a refinement.
 
+Many small objects: the per-object value encoder, read and decoder run on a window around each
+object whose window is at most :attr:`STMLite.crop_share` of the frame, the rest of the frame
+from a background shared by all objects (:meth:`STMLite._encode_cropped`,
+:meth:`STMLite._segment_windows`, core/crops.py); ``crop_share = 0`` is the whole-frame network.
+
 Batched use (training): ``encode_query`` takes [B, 3, H, W]; ``encode_memory`` masks [B, N, H, W];
 ``segment`` memory keys [B, Ck, M] and values [B, N, Cv, M] and returns [B, N, H, W]. With B = 1 and
 the engine's 3-D shapes this is exactly the :class:`VOSNetwork` contract.
@@ -34,10 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from napari_stm.core import crops
 from napari_stm.core.backbones import LITE0_FEATURE_BLOCKS, efficientnet_lite0, lite0_normalize
 from napari_stm.core.model import MemoryEntry, QueryFeatures, VOSNetwork
 from napari_stm.core.network import ResBlock
-from napari_stm.core.readout import MotionPrior, memory_read
+from napari_stm.core.readout import CHUNK_ELEMENTS, MotionPrior, dense_weights, memory_read
 
 #: Lite0 channels at strides 4, 8 and 16
 C4, C8, C16 = 24, 40, 112
@@ -51,6 +57,24 @@ MAX_SCALE = 40.0
 INITIAL_SCALE = 20.0
 #: the read-out's soft mask is clamped to this before its logit is taken
 PRIOR_EPS = 0.01
+#: Windows of the per-object convolutions (core/crops.py), in stride-16 cells. Decoder: an
+#: object is where its read-out's soft mask exceeds DECODE_THRESHOLD, the window's core is
+#: that grown by DECODE_REACH, and the convolutions see DECODE_CONTEXT more cells. Value
+#: encoder: an object is where its mask exceeds ENCODE_THRESHOLD (the faint edges of a
+#: segmented frame's probabilities below it grew windows by a third), a mask pixel changes
+#: values up to ENCODE_REACH cells away (receptive field 63 pixels) and ENCODE_CONTEXT cells
+#: of context make the core's values those of the whole frame (to float rounding). Chosen by
+#: measurement (docs/performance.md): DECODE_REACH 1 or DECODE_THRESHOLD 0.1 moved
+#: probabilities by up to 0.25; a wider context changed nothing that counts.
+DECODE_THRESHOLD = 0.02
+DECODE_REACH = 2
+DECODE_CONTEXT = 2
+ENCODE_THRESHOLD = 0.1
+ENCODE_REACH = 2
+ENCODE_CONTEXT = 2
+#: a memory cell an object covers more than this (a share of its pixels) is the object's own,
+#: not background (see _background_values)
+BACKGROUND_COVERAGE = 1e-3
 
 
 class Bottleneck(nn.Module):
@@ -87,13 +111,22 @@ class ValueEncoder(nn.Module):
         self.block = Bottleneck(value_dim - 1, 64)
 
     def forward(
-        self, image: Tensor, masks: Tensor, others: Tensor, f8: Tensor, f16: Tensor
+        self,
+        image: Tensor,
+        masks: Tensor,
+        others: Tensor,
+        f8: Tensor,
+        f16: Tensor,
+        stem: Tensor | None = None,
     ) -> Tensor:
         """image [B, 3, H, W] (normalised), masks/others [B, N, H, W], f8/f16 [B, C, h, w]
-        -> values [B, N, Cv, H/16, W/16]."""
+        -> values [B, N, Cv, H/16, W/16]. ``stem``: ``stem_image(image)`` when already known
+        (windows cut from the whole frame's)."""
         b, n = masks.shape[:2]
         stack = torch.stack([masks, others], dim=2).flatten(0, 1)  # [B*N, 2, H, W]
-        x = self.stem_masks(stack) + self.stem_image(image).repeat_interleave(n, dim=0)
+        if stem is None:
+            stem = self.stem_image(image)
+        x = self.stem_masks(stack) + stem.repeat_interleave(n, dim=0)
         x = F.relu(x)
         x = F.relu(self.down4(x))
         x = F.relu(self.down8(x))
@@ -162,16 +195,32 @@ class Decoder(nn.Module):
     def forward(self, read: Tensor, f16: Tensor, skip8: Tensor, skip4: Tensor, n: int) -> Tensor:
         """read [B*N, d16 + 1, h, w] (projected values, see :meth:`project`); f16, skip8,
         skip4 per frame [B, ...] -> logits [B*N, 1, 4h, 4w]."""
-        # The frame's share of convFM: once per frame, not once per object.
-        frame = F.conv2d(f16, self.convFM.weight[:, -C16:], self.convFM.bias)
-        m16 = self.ResMM(read[:, :-1] + frame.repeat_interleave(n, dim=0))
-        m8 = self.RF3(skip8.repeat_interleave(n, dim=0), m16)
-        m4 = self.RF2(skip4.repeat_interleave(n, dim=0), m8)
+        return self.objects(
+            read,
+            self.frame(f16).repeat_interleave(n, dim=0),
+            skip8.repeat_interleave(n, dim=0),
+            skip4.repeat_interleave(n, dim=0),
+        )
+
+    def frame(self, f16: Tensor) -> Tensor:
+        """The frame's share of convFM: once per frame, not once per object."""
+        return F.conv2d(f16, self.convFM.weight[:, -C16:], self.convFM.bias)
+
+    def objects(self, read: Tensor, frame: Tensor, skip8: Tensor, skip4: Tensor) -> Tensor:
+        """The per-object part: read [G, d16 + 1, h, w] with the frame's maps of the same
+        windows (:meth:`frame`, the skips), one per object or one for all -> logits."""
+        m16 = self.ResMM(read[:, :-1] + frame)
+        m8 = self.RF3(skip8, m16)
+        m4 = self.RF2(skip4, m8)
+        return self.pred(F.relu(m4)) + self.prior_logit(read, m4.shape[-2:], m4.dtype)
+
+    def prior_logit(self, read: Tensor, size: tuple[int, int], dtype: torch.dtype) -> Tensor:
+        """The read-out's soft mask as a logit at ``size``, times its gain."""
         prior = read[:, -1:].float().clamp(PRIOR_EPS, 1 - PRIOR_EPS)
         prior = F.interpolate(
-            torch.log(prior / (1 - prior)), size=m4.shape[-2:], mode="bilinear", align_corners=False
+            torch.log(prior / (1 - prior)), size=size, mode="bilinear", align_corners=False
         )
-        return self.pred(F.relu(m4)) + self.prior_gain * prior.to(m4.dtype)
+        return self.prior_gain * prior.to(dtype)
 
 
 class STMLite(VOSNetwork):
@@ -192,6 +241,10 @@ class STMLite(VOSNetwork):
     #: frames) 92.4 at a longer side of 512, 92.1 at 640, 92.0 at 427, 91.4 at full size, and
     #: 512 is 3x faster than full 480p (docs/model_card.md).
     working_side = 512
+    #: Per-object convolutions (value encoder, decoder) run on a window around each object
+    #: whose window covers at most this share of the frame (core/crops.py): many small objects
+    #: cost little more than one. 0: every object on the whole frame, the exact network.
+    crop_share = 0.5
 
     def __init__(
         self,
@@ -263,8 +316,17 @@ class STMLite(VOSNetwork):
         masks4 = masks4.to(query.key.dtype)
         others = (masks4.sum(dim=1, keepdim=True) - masks4).clamp(0, 1)
         f8, _ = query.skips
-        values = self.value_encoder(query.extra["image"], masks4, others, f8, query.extra["f16"])
-        values = self.decoder.project(values)
+        image, f16 = query.extra["image"], query.extra["f16"]
+        plan = None
+        if self._crops_on(b):
+            cells = F.max_pool2d(masks4[0][:, None], 16)[:, 0]
+            plan = crops.plan_crops(
+                cells, ENCODE_THRESHOLD, ENCODE_REACH, ENCODE_CONTEXT, self.crop_share
+            )
+        if plan is not None and plan.cropped:
+            values = self._encode_cropped(image, masks4[0], others[0], f8, f16, plan)[None]
+        else:
+            values = self.decoder.project(self.value_encoder(image, masks4, others, f8, f16))
         return MemoryEntry(keys=query.key, values=values if batched else values[0])
 
     def segment(
@@ -295,25 +357,130 @@ class STMLite(VOSNetwork):
             )
         h, w = query.key.shape[-2:]
         reader, _ = self.read_query(query)
-        read = torch.stack(
-            [
-                memory_read(keys[i : i + 1], values[i], reader[i : i + 1], top_k, 1.0, prior)
-                for i in range(b)
-            ]
-        )  # [B, N, Cv, h*w]
         f8, f4 = query.skips
-        out = self.decoder(
-            read.reshape(b * n, -1, h, w),
-            query.extra["f16"],
-            self.decoder.RF3.skip(f8),
-            self.decoder.RF2.skip(f4),
-            n,
-        )
+        skip8, skip4 = self.decoder.RF3.skip(f8), self.decoder.RF2.skip(f4)
+        out = None
+        if (
+            self._crops_on(b)
+            and n > 1
+            and top_k is None
+            and h * w * keys.shape[-1] <= CHUNK_ELEMENTS
+        ):
+            out = self._segment_windows(query, keys, values[0], reader, prior, skip8, skip4)
+        if out is None:
+            read = torch.stack(
+                [
+                    memory_read(keys[i : i + 1], values[i], reader[i : i + 1], top_k, 1.0, prior)
+                    for i in range(b)
+                ]
+            )  # [B, N, Cv, h*w]
+            out = self.decoder(read.reshape(b * n, -1, h, w), query.extra["f16"], skip8, skip4, n)
         out = F.interpolate(out, scale_factor=4, mode="bilinear", align_corners=False)
         out = out.reshape(b, n, *out.shape[-2:])
         if not logits:
             out = torch.sigmoid(out)
         return out if batched else out[0]
+
+    # -- windows around small objects (core/crops.py) ----------------------------------------
+    def _crops_on(self, batch: int) -> bool:
+        # Inference only: training batches clips and differentiates the whole frame.
+        return self.crop_share > 0 and batch == 1 and not self.training
+
+    def _segment_windows(
+        self,
+        query: QueryFeatures,
+        keys: Tensor,
+        values: Tensor,
+        reader: Tensor,
+        prior: MotionPrior | None,
+        skip8: Tensor,
+        skip4: Tensor,
+    ) -> Tensor:
+        """The read and the decoder of :meth:`segment` (one frame; values [N, Cv, M]), each
+        object read and decoded on a window around where its read-out's soft mask is -> logits
+        [N, 1, 4h, 4w].
+
+        Away from an object (outside its core) its memory values are those of an empty mask,
+        the same for every object (see :meth:`_encode_cropped`), so its read-out there is the
+        same "background" read for every object. That read, decoded once for the whole frame,
+        gives every object's refinement outside its window; the read-out's soft mask (cheap:
+        one channel per object) stays each object's own everywhere.
+        """
+        dec = self.decoder
+        f16 = query.extra["f16"]
+        h, w = query.key.shape[-2:]
+        n, cv, m = values.shape
+        weights = dense_weights(keys, reader, 1.0, prior).to(values.dtype)  # [P, M]
+        coverage = (weights @ values[:, -1].T).T.reshape(n, 1, h, w)
+        plan = crops.plan_crops(
+            coverage[:, 0], DECODE_THRESHOLD, DECODE_REACH, DECODE_CONTEXT, self.crop_share
+        )
+
+        def read(idx: list[int]) -> Tensor:
+            v = values[idx].reshape(len(idx) * cv, m)
+            return (weights @ v.T).T.reshape(len(idx), cv, h, w).to(reader.dtype)
+
+        if not plan.cropped:
+            return dec(read(list(range(n))), f16, skip8, skip4, n)
+        frame = dec.frame(f16)
+        bg_values = _background_values(values, (h, w))  # [Cv, M]
+        background = (weights @ bg_values.T).T.reshape(1, cv, h, w).to(reader.dtype)
+        refined = dec.objects(background, frame, skip8, skip4)
+        refined = refined - dec.prior_logit(background, refined.shape[-2:], refined.dtype)
+        out = dec.prior_logit(coverage, (4 * h, 4 * w), frame.dtype) + refined.to(frame.dtype)
+        if plan.full:
+            out[plan.full] = dec.objects(read(plan.full), frame, skip8, skip4).to(out.dtype)
+        for group in plan.groups:
+            wins = group.windows
+            wh, ww = wins[0].size
+            rows = torch.stack([crops.positions(win, w) for win in wins]).to(weights.device)
+            window_read = torch.bmm(weights[rows], values[group.objects].transpose(1, 2))
+            window_read = window_read.transpose(1, 2).reshape(len(wins), cv, wh, ww)
+            logits = dec.objects(
+                window_read.to(reader.dtype),
+                crops.gather(frame, wins, 1),
+                crops.gather(skip8, wins, 2),
+                crops.gather(skip4, wins, 4),
+            )
+            crops.paste(out, group.objects, logits.to(out.dtype), group, 4)
+        return out
+
+    def _encode_cropped(
+        self,
+        image: Tensor,
+        masks: Tensor,
+        others: Tensor,
+        f8: Tensor,
+        f16: Tensor,
+        plan: crops.CropPlan,
+    ) -> Tensor:
+        """Projected values [N, Cv', h, w] of one frame (masks, others [N, H, W]), per object
+        on its window.
+
+        Away from its mask an object's values are those of an empty mask with every object as
+        "others": the same for all objects, so they are encoded once (the background) and each
+        object's window is pasted over them.
+        """
+        enc, project = self.value_encoder, self.decoder.project
+        union = masks.sum(dim=0, keepdim=True).clamp(0, 1)[None]  # [1, 1, H, W]
+        stem = enc.stem_image(image)  # the frame's part, once: windows are cut from it
+        background = project(enc(image, torch.zeros_like(union), union, f8, f16, stem))[0, 0]
+        out = background.expand(masks.shape[0], -1, -1, -1).clone()
+        if plan.full:
+            idx = plan.full
+            out[idx] = project(enc(image, masks[idx][None], others[idx][None], f8, f16, stem))[0]
+        for group in plan.groups:
+            wins, idx = group.windows, group.objects
+            values = enc(
+                crops.gather(image, wins, 16),
+                crops.gather(masks[idx][:, None], wins, 16),
+                crops.gather(others[idx][:, None], wins, 16),
+                crops.gather(f8, wins, 2),
+                crops.gather(f16, wins, 1),
+                crops.gather(stem, wins, 8),
+            )  # [G, 1, Cv, wh, ww]: G one-object frames
+            crops.paste(out, idx, project(values)[:, 0], group, 1)
+        return out
 
     def read_query(self, query: QueryFeatures) -> tuple[Tensor, float | None]:
         qk = query.key
@@ -329,3 +496,19 @@ class STMLite(VOSNetwork):
             raise ValueError(
                 f"stm-lite needs image sides that are multiples of {self.pad_multiple}, got {h}x{w}"
             )
+
+
+def _background_values(values: Tensor, grid: tuple[int, int]) -> Tensor:
+    """What an empty mask's memory values are, [Cv, M], from the objects' values [N, Cv, M]:
+    at each memory position the mean over the objects that are not within ENCODE_REACH cells
+    of it (their values there are exactly the empty mask's); over all objects where none is."""
+    n, cv, m = values.shape
+    h, w = grid
+    cover = values[:, -1].reshape(-1, 1, h, w) > BACKGROUND_COVERAGE
+    reach = 2 * ENCODE_REACH + 1
+    near = F.max_pool2d(cover.to(values.dtype), reach, stride=1, padding=ENCODE_REACH)
+    far = 1 - near.reshape(n, m)
+    count = far.sum(dim=0)
+    # A product and a sum, not einsum("nm,ncm->cm"): einsum took 160 ms here for 100 objects.
+    mean = (values * far[:, None]).sum(dim=0) / count.clamp(min=1)
+    return torch.where(count > 0, mean, values.mean(dim=0))

@@ -1,0 +1,141 @@
+"""Windows around small objects (core/crops.py) and stm-lite's per-object convolutions on them:
+the same answer as on the whole frame, within the stated tolerance, and the exact network when
+an object fills the frame."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from napari_stm.core import crops
+from napari_stm.core.readout import motion_prior, soft_aggregate
+from napari_stm.core.stm_lite import STMLite
+
+H, W = 256, 384  # a 16 x 24 grid of stride-16 cells
+
+
+def test_one_object_is_never_cropped():
+    # its window plus the shared background would cost more than the whole frame
+    maps = torch.zeros(1, 16, 24)
+    maps[0, 2, 3] = 1
+    plan = crops.plan_crops(maps, threshold=0.5, reach=2, context=2, max_share=0.5)
+    assert plan.full == [0] and not plan.cropped
+
+
+def test_plan_windows_hold_their_core_and_group_by_size():
+    maps = torch.zeros(4, 16, 24)
+    maps[0, 2, 3] = 1  # small, near the corner
+    maps[1, 10:12, 15:17] = 1  # small, inside
+    maps[2] = 1  # fills the grid
+    plan = crops.plan_crops(maps, threshold=0.5, reach=2, context=2, max_share=0.5)
+    assert plan.full == [2]
+    assert plan.absent == [3]
+    grouped = {i: (g, j) for g in plan.groups for j, i in enumerate(g.objects)}
+    assert set(grouped) == {0, 1}
+    for g, j in grouped.values():
+        core, window = g.cores[j], g.windows[j]
+        assert window.size == g.windows[0].size  # one batch: one size
+        assert window.top <= core.top and core.bottom <= window.bottom
+        assert window.left <= core.left and core.right <= window.right
+        assert 0 <= window.top and window.bottom <= 16 and 0 <= window.left and window.right <= 24
+    g, j = grouped[0]
+    assert g.cores[j] == crops.Box(0, 5, 1, 6)  # clipped at the top edge, grown by 2 elsewhere
+    g, j = grouped[1]
+    assert g.cores[j] == crops.Box(8, 14, 13, 19)
+
+
+def test_gather_and_paste_are_inverse_on_the_core():
+    maps = torch.zeros(2, 16, 16)
+    maps[0, 5, 6] = 1
+    maps[1, 12, 2] = 1
+    plan = crops.plan_crops(maps, threshold=0.5, reach=1, context=1, max_share=1)
+    group = plan.groups[0]
+    x = torch.randn(2, 3, 64, 64)
+    out = torch.zeros(2, 3, 64, 64)
+    crops.paste(out, group.objects, crops.gather(x[group.objects], group.windows, 4), group, 4)
+    for i, core in zip(group.objects, group.cores, strict=True):
+        rows, cols = core.scaled(4)
+        assert torch.equal(out[i, :, rows, cols], x[i, :, rows, cols])
+        assert out[i].count_nonzero() == x[i, :, rows, cols].numel()  # nothing else written
+
+
+@pytest.fixture(scope="module")
+def net() -> STMLite:
+    torch.manual_seed(0)
+    model = STMLite(pretrained=True).eval()
+    # A freshly made decoder's prediction is zero (it starts from the read-out's soft mask);
+    # random weights make its refinement, the part computed on windows, count.
+    torch.nn.init.normal_(model.decoder.pred.weight, std=0.05)
+    return model
+
+
+def _scene(offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3 + offset)
+    image = torch.rand(1, 3, H, W, generator=g) * 0.3
+    masks = torch.zeros(3, H, W)
+    for k, (y, x) in enumerate([(40, 50), (180, 300), (100, 200)]):
+        y, x = y + offset, x + offset
+        masks[k, y : y + 20, x : x + 24] = 1
+        image[0, k, y : y + 20, x : x + 24] += 0.6
+    return image, masks
+
+
+def _run(net: STMLite, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    net.crop_share = share
+    try:
+        image0, masks0 = _scene()
+        image1, _ = _scene(offset=4)
+        with torch.inference_mode():
+            memory = net.encode_memory(image0, masks0)
+            query = net.encode_query(image1)
+            prior = motion_prior(torch.tensor([1]), (H // 16, W // 16), 0.05)
+            keys, values = memory.keys.flatten(2), memory.values.flatten(2)
+            probs = net.segment(query, keys, values, None, prior)
+    finally:
+        net.crop_share = STMLite.crop_share
+    return memory.values, probs
+
+
+def test_windows_give_the_whole_frame_answer_for_small_objects(net, monkeypatch):
+    planned = []
+    plan_crops = crops.plan_crops
+    monkeypatch.setattr(
+        crops, "plan_crops", lambda *a: planned.append(plan_crops(*a)) or planned[-1]
+    )
+    values_full, probs_full = _run(net, 0.0)
+    assert not planned  # crop_share 0: the exact network, no windows
+    values, probs = _run(net, 0.5)
+    assert len(planned) == 2 and all(p.groups and not p.full for p in planned)
+    # Value encoding: exact up to float rounding (outside its window an object's values are
+    # the background encoding, which is what the whole frame computes there).
+    assert torch.allclose(values, values_full, atol=1e-4, rtol=1e-4)
+    # Decoding: cores exact; outside them the shared background read stands for each
+    # object's own (the stated tolerance).
+    assert (probs - probs_full).abs().max() < 0.05
+    labels = soft_aggregate(probs).argmax(0)
+    labels_full = soft_aggregate(probs_full).argmax(0)
+    assert (labels == labels_full).float().mean() > 0.999
+
+
+@pytest.mark.parametrize("objects", [1, 2])
+def test_objects_filling_the_frame_run_the_whole_frame_network(net, objects):
+    image = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(1))
+    masks = torch.zeros(2, H, W)
+    masks[0, 16:-16, 16:-16] = 1
+    masks[1, 100:] = 1
+    masks = masks[:objects]
+    results = []
+    for share in (0.0, 0.5):
+        net.crop_share = share
+        with torch.inference_mode():
+            memory = net.encode_memory(image, masks)
+            query = net.encode_query(image)
+            probs = net.segment(query, memory.keys.flatten(2), memory.values.flatten(2))
+        results.append((memory.values, probs))
+    net.crop_share = STMLite.crop_share
+    (values_full, probs_full), (values, probs) = results
+    if objects == 1:  # one object: never windows, the very same computation
+        assert torch.equal(values, values_full) and torch.equal(probs, probs_full)
+    else:  # the same read, its weights kept whole first: equal up to float rounding
+        assert torch.equal(values, values_full)
+        assert torch.allclose(probs, probs_full, atol=1e-5)
