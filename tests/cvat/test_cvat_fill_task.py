@@ -88,7 +88,9 @@ def test_fill_task_end_to_end(clip, token, capsys):
         ]
         with capsys.disabled():
             print("\nfill-task IoU car", np.round(car_iou, 2), "person", np.round(person_iou, 2))
-        assert np.mean(car_iou) > 0.75  # annotated at both ends (measured 0.83)
+        # Annotated at both ends: measured 0.735 since each side reads only its own reference
+        # (core/fuse.py, #17); 0.818 before, when the person lost 0.1 to the car-only end.
+        assert np.mean(car_iou) > 0.7
         assert np.mean(person_iou) > 0.6  # forward only (measured 0.72)
 
         # A second run must not pile up duplicates: it stops and says what to do.
