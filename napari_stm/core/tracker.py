@@ -261,23 +261,23 @@ class Tracker:
         )
         if reader.needs_range:
             self._intensity = reader.intensity_range
-        if self.geo is None:
-            # A session's first step is its reference: its objects may choose the size.
-            first = [] if labels is None else [check_labels(labels, reader.size, "the reference")]
-            self.geo = working_geometry(reader.size, self.model, self.config, first)
-        elif reader.size != self.geo.size:
+        if self.geo is not None and reader.size != self.geo.size:
             raise InputError(
                 f"image size changed inside a session: {reader.size[1]}x{reader.size[0]}, "
                 f"the session started with {self.geo.size[1]}x{self.geo.size[0]}"
             )
         t = 0 if self._last_t is None else self._last_t + 1
+        lab = None if labels is None else check_labels(labels, reader.size, f"frame {t}")
+        if self.geo is None:
+            # A session's first step is its reference: its objects may choose the size.
+            refs = [] if lab is None else [lab]
+            self.geo = working_geometry(reader.size, self.model, self.config, refs)
         key = self._frame_key()
         image, query = shared.get(key) if shared else (None, None)
         with torch.inference_mode():
             if image is None:
                 image = reader.tensor(0, self.geo, self.device)
-            if labels is not None:
-                lab = check_labels(labels, self.geo.size, f"frame {t}")
+            if lab is not None:
                 self.add_reference(t, image, lab)
                 result = self.reference_result(t, lab)
             else:
