@@ -5,7 +5,8 @@ frame is picked, given its true mask as a reference (as a person correcting it w
 frames that correction reaches are propagated again. Pickers:
 
 - ``tool``: the frame the engine is least sure of (lowest mean object confidence,
-  ``FrameResult.confidence``), the frame the napari widget's "next unsure frame" would show;
+  ``FrameResult.confidence``) among those at least two frames from every reference
+  (``core.quality.frame_to_correct``);
 - ``oracle``: the frame of lowest true J (what a person who checks every frame would fix);
 - ``even``: the frame farthest from every reference (the last frame, then the middle, ...).
 
@@ -37,6 +38,7 @@ import numpy as np
 
 from napari_stm.core.atomic import atomic_path
 from napari_stm.core.errors import InputError
+from napari_stm.core.quality import frame_to_correct
 from napari_stm.metrics import db_eval_iou
 
 PICKERS = ("tool", "oracle", "even")
@@ -232,7 +234,8 @@ class Annotator:
         if not free:
             return None
         if picker == "tool":
-            return min(free, key=lambda t: (self.confidence[t], t))
+            conf = {t: self.confidence[t] for t in range(self.seq.start, self.seq.stop)}
+            return frame_to_correct(conf, refs)
         if picker == "oracle":
             return min(free, key=lambda t: (self.j[t], t))
         if picker == "even":

@@ -76,16 +76,18 @@ def test_an_object_that_leaves_is_flagged_lost(tiny_model):
     assert "lost" in {flags[t] for t in range(7, 12)}
 
 
-def test_affected_frames_lie_between_the_neighbouring_references(tiny_model, clip):
+def test_affected_frames_run_from_the_reference_before_to_the_end(tiny_model, clip):
+    # The forward side walks on through every later stretch with what it memorised, so a
+    # reference changes the frames from the reference before it to the end.
     video, gt = clip
     prop = Propagator(tiny_model, video, CPU)
     for t in (0, 6, 12):
         prop.add_reference(t, gt[t])
-    assert prop.affected(6) == (0, 13)
-    assert prop.affected(0) == (0, 7)
+    assert prop.affected(6) == (0, T)
+    assert prop.affected(0) == (0, T)
     assert prop.affected(12) == (6, T)
     prop.add_reference(9, gt[9])
-    assert prop.affected(9) == (6, 13)
+    assert prop.affected(9) == (6, T)
     assert prop.affected(9, start=8, stop=11) == (8, 11)
 
 
@@ -102,10 +104,12 @@ def test_propagating_only_the_affected_frames_gives_what_a_full_run_gives(tiny_m
         np.testing.assert_array_equal(full[t], expected, err_msg=f"frame {t}")
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
 def test_a_correct_reference_never_lowers_j_on_the_frames_it_reaches(seed):
     # The simulated annotator's promise: correcting the worst frame with its true mask does not
     # make the frames that correction reaches worse. The occluded clip crosses the objects.
+    # Seed 4: the worst frame is the occlusion; a forward side started afresh on it (the old
+    # plan) lost the hidden object on every later frame (frames 0-19 J 0.848 -> 0.669).
     video, gt = make_clip(n_frames=20, height=H, width=W, seed=seed)
     model = TinyMatch(temperature=0.1)
     prop, results = propagate(model, video, {0: gt[0]}, direction="both")
@@ -242,23 +246,25 @@ def test_explain_errors(tiny_model, clip):
         prop.explain(3, H, 5)
 
 
-def test_explain_between_two_references_reads_only_their_stretch(tiny_model, clip):
+def test_explain_between_two_references_never_reads_the_far_end(tiny_model, clip):
     video, gt = clip
     prop, results = propagate(tiny_model, video, {0: gt[0], 6: gt[6], 12: gt[12]}, direction="both")
     labels = {r.t: r.labels for r in results}
     ys, xs = np.nonzero(labels[9] == 2)
     ex = prop.explain(9, int(ys[0]), int(xs[0]))
-    # the stretch 6..12 reads references 6 and 12 and its own frames, never reference 0
-    assert 0 not in ex.frames
-    assert set(ex.frames) <= set(range(6, 13))
+    # one side of the stretch 6..12 reads reference 6 and what the forward side memorised
+    # before it, the other reference 12 and its own frames; neither reads the other's end
+    assert 6 in ex.frames or 12 in ex.frames
+    assert not (6 in ex.frames and 12 in ex.frames)
     assert ex.weights.sum() == pytest.approx(1.0)
     assert ex.object == 2
 
 
-def test_frames_after_the_last_reference_read_only_the_last(tiny_model, clip):
+def test_frames_after_the_last_reference_keep_the_memory_before_it(tiny_model, clip):
+    # The forward side walks on past the last reference: what it memorised before it stays.
     video, gt = clip
     prop, results = propagate(tiny_model, video, {0: gt[0], 6: gt[6]}, direction="both")
     labels = {r.t: r.labels for r in results}
     ys, xs = np.nonzero(labels[11] == 1)
     ex = prop.explain(11, int(ys[0]), int(xs[0]))
-    assert 0 not in ex.frames and 6 in ex.frames
+    assert 0 in ex.frames and 6 in ex.frames

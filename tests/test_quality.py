@@ -60,3 +60,18 @@ def test_lost_when_area_collapses_against_reference_or_previous_frame():
 def test_label_areas_counts_every_asked_id():
     lab = np.array([[0, 1, 1], [7, 7, 7]], np.uint8)
     assert label_areas(lab, [1, 7, 9]) == {1: 2, 7: 3, 9: 0}
+
+
+def test_the_frame_to_correct_is_the_least_sure_away_from_every_reference():
+    from napari_stm.core.quality import frame_to_correct
+
+    conf = {0: 1.0, 1: 0.2, 2: 0.5, 3: 0.6, 4: 0.3, 5: 1.0}
+    # frame 1 is the least sure, but it lies beside reference 0
+    assert frame_to_correct(conf, [0]) == 4
+    # beside references 0 and 5: 1 and 4; of the rest, 2
+    assert frame_to_correct(conf, [0, 5]) == 2
+    # every free frame beside a reference: the least sure of them
+    assert frame_to_correct({0: 1.0, 1: 0.4, 2: 0.3, 3: 1.0}, [0, 3]) == 2
+    assert frame_to_correct({0: 1.0, 1: 1.0}, [0, 1]) is None
+    # ties: the earliest
+    assert frame_to_correct({0: 1.0, 3: 0.5, 6: 0.5}, [0]) == 3

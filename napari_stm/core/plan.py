@@ -7,7 +7,7 @@ backwards (its probabilities stored) and then forwards, taking each object from 
 (core/fuse.py). A pass reads only the references among its own frames (:attr:`Pass.reads`): a
 stretch's pass reads the reference it starts from, and the other end reaches its frames through
 the fusion. So in ``both`` a reference changes exactly the frames between the references either
-side of it (:func:`affected`).
+side of it and, through the forward side that walks on, every frame after it (:func:`affected`).
 Ranges are ``[start, stop)``: ``stop`` is the frame after the last.
 """
 
@@ -33,6 +33,9 @@ class Pass:
     span: tuple[int, int] = (0, 0)
     #: frames of the pass computed but not yielded (the first, when an earlier pass yielded it)
     emit_from: int = 0
+    #: the forward side of ``both``: it walks on with the memory of the forward pass before it
+    #: (or, starting a later call, with the memory it had on reaching its first frame)
+    walks_on: bool = False
 
     @property
     def reads(self) -> set[int]:
@@ -87,13 +90,19 @@ def plan_passes(direction: Direction, refs: list[int], start: int, stop: int) ->
     plan: list[Pass] = []
     if refs[0] > start:
         plan.append(Pass(list(range(refs[0], start - 1, -1))))
+    # One forward side walks from the first reference to the end, through every stretch,
+    # adding each reference when it gets there (``walks_on``): a correction adds to the memory
+    # the frames after it had and takes nothing away. A forward side started afresh on each
+    # reference knows only that frame; on a hard one (an occlusion, the frame an annotator
+    # corrects first) an object hidden there was lost for good, and the correction lowered J
+    # on every frame after it (synthetic occluded clip, seed 4: 0.848 -> 0.669).
     for a, b in zip(refs, refs[1:], strict=False):
         if b - a > 1:
             plan.append(Pass(list(range(b, a, -1)), mode="store", span=(a, b)))
-            plan.append(Pass(list(range(a, b)), mode="fused", span=(a, b)))
+            plan.append(Pass(list(range(a, b)), mode="fused", span=(a, b), walks_on=True))
         else:
-            plan.append(Pass([a]))
-    plan.append(Pass(list(range(refs[-1], stop))))
+            plan.append(Pass([a], walks_on=True))
+    plan.append(Pass(list(range(refs[-1], stop)), walks_on=True))
     seen: set[int] = set()
     for p in plan:
         if p.mode != "store":
@@ -109,10 +118,10 @@ def reach(plan: list[Pass]) -> set[int]:
 
 def affected(references: list[int], t: int, start: int, stop: int) -> tuple[int, int]:
     """Frames ``[lo, hi)`` whose ``both`` result a reference on frame ``t`` changes: from the
-    reference before it (or ``start``) to the one after it (or ``stop``), both included."""
+    reference before it (or ``start``) to ``stop``: the forward side walks on through every
+    later stretch with what it memorised."""
     before = [r for r in references if start <= r < t]
-    after = [r for r in references if t < r < stop]
-    return (max(before) if before else start, min(after) + 1 if after else stop)
+    return (max(before) if before else start, stop)
 
 
 def reachable(refs: list[int], n: int, direction: Direction) -> set[int]:

@@ -76,6 +76,11 @@ class Propagator:
         self._reads: dict[str, dict[int, ReadRecord]] = {"yield": {}, "store": {}}
         # Between two references: per object, 1 where the backward side was taken.
         self._backward: dict[int, Tensor] = {}
+        # The forward side of "both" (it walks on from pass to pass within one call) and its
+        # memory on reaching each reference, from which a later call that starts there walks on
+        # exactly as a whole run would.
+        self._forward: Tracker | None = None
+        self._states: dict[int, dict[str, Any]] = {}
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -115,12 +120,18 @@ class Propagator:
             )
         self.references[int(t)] = check_labels(labels, self.reader.size, f"reference frame {t}")
         self._entries.pop(int(t), None)
+        self._forget_states(int(t))
         self._geo = None
 
     def remove_reference(self, t: int) -> None:
         self.references.pop(t, None)
         self._entries.pop(t, None)
+        self._forget_states(t)
         self._geo = None
+
+    def _forget_states(self, t: int) -> None:
+        # The forward side's memory on reaching reference r depends on every reference before r.
+        self._states = {r: s for r, s in self._states.items() if r < t}
 
     def affected(
         self, t: int, start: int | None = None, stop: int | None = None
@@ -255,6 +266,7 @@ class Propagator:
         if progress is not None:
             progress(0, total)
         self._encode_references()
+        self._forward = None
         stored: np.ndarray | None = None
         for p in plan:
             if cancel is not None and cancel.is_set():
@@ -289,6 +301,7 @@ class Propagator:
         ids = self.object_ids
         if ids != self._entry_ids or self.geo != self._entries_geo:
             self._entries.clear()
+            self._states.clear()
             self._entry_ids = ids
             self._entries_geo = self.geo
         for t, lab in self.references.items():
@@ -302,14 +315,23 @@ class Propagator:
     def _run_pass(
         self, plan: Pass, stored: np.ndarray | None, cancel: threading.Event | None
     ) -> Iterator[FrameResult]:
-        tracker = Tracker(
-            self.model, self.config, self.object_ids, keep_sources=False, geometry=self.geo
-        )
+        if plan.walks_on and self._forward is not None:
+            tracker = self._forward
+        else:
+            tracker = Tracker(
+                self.model, self.config, self.object_ids, keep_sources=False, geometry=self.geo
+            )
+            state = self._states.get(plan.frames[0]) if plan.walks_on else None
+            if state is not None:
+                tracker.load_state_dict(state["tracker"])
+                tracker.lost.reference, tracker.lost.previous = (dict(d) for d in state["lost"])
+            reads = plan.reads
+            for t, (image, probs, entry) in self._entries.items():
+                if t != plan.frames[0] and t in reads:
+                    tracker.preload_reference(t, image, probs, entry)
+        if plan.walks_on:
+            self._forward = tracker
         self._tracker = tracker
-        reads = plan.reads
-        for t, (image, probs, entry) in self._entries.items():
-            if t != plan.frames[0] and t in reads:
-                tracker.preload_reference(t, image, probs, entry)
         lo = min(plan.frames)
         frames = self._reader([t for t in plan.frames if t not in self.references])
         try:
@@ -342,6 +364,14 @@ class Propagator:
                 return
             if t in self.references:
                 image, _, entry = self._entries[t]
+                if plan.walks_on and tracker.steps > 0:
+                    # Its memory on reaching t, for a later call that starts at t. The frame
+                    # before t never enters memory: add_reference drops it, so drop it first.
+                    tracker._pending = None
+                    self._states[t] = {
+                        "tracker": tracker.state_dict(),
+                        "lost": (dict(tracker.lost.reference), dict(tracker.lost.previous)),
+                    }
                 tracker.add_reference(t, image, self.references[t], entry)
                 if plan.mode != "store":
                     yield tracker.reference_result(t, self.references[t])
