@@ -6,8 +6,9 @@ its start; ``both`` walks outwards from the outer references and, between two re
 backwards (its probabilities stored) and then forwards, taking each object from one side
 (core/fuse.py). A pass reads only the references among its own frames (:attr:`Pass.reads`): a
 stretch's pass reads the reference it starts from, and the other end reaches its frames through
-the fusion. So in ``both`` a reference changes exactly the frames between the references either
-side of it and, through the forward side that walks on, every frame after it (:func:`affected`).
+the fusion. In ``both`` one forward side walks on from the first reference to the end
+(:attr:`Pass.walks_on`), so a reference changes the frames from the reference before it to the
+end (:func:`affected`).
 Ranges are ``[start, stop)``: ``stop`` is the frame after the last.
 """
 
@@ -44,7 +45,9 @@ class Pass:
         matched by appearance alone; among look-alike objects (cells) that mixes identities,
         and on DAVIS training sequences it sank the pass it was meant to help (horsejump-low,
         60 frames: forward side J 0.80 alone, 0.72 reading the far end). docs/architecture.md,
-        "Frames between two references", has the measurements."""
+        "Frames between two references", has the measurements. A pass that walks on
+        (:attr:`walks_on`) also reads what the forward side memorised before its first frame,
+        the references before it among them."""
         return set(self.frames)
 
     @property
@@ -131,7 +134,9 @@ def reachable(refs: list[int], n: int, direction: Direction) -> set[int]:
 
 def depends_on(ref: int, refs: list[int], n: int, direction: Direction) -> list[int]:
     """Frames whose prediction depends on reference ``ref`` (one of ``refs``): those after it up
-    to the next reference (forward), before it back to the previous one (backward), or both."""
+    to the next reference (forward), before it back to the previous one (backward), or, for
+    both, those back to the previous one and every frame after it that is not a reference (the
+    forward side walks on through every later stretch, :func:`affected`)."""
     after = [r for r in refs if r > ref]
     before = [r for r in refs if r < ref]
     fwd = range(ref + 1, after[0] if after else n)
@@ -140,7 +145,7 @@ def depends_on(ref: int, refs: list[int], n: int, direction: Direction) -> list[
         return list(fwd)
     if direction == "backward":
         return list(bwd)
-    return [*bwd, *fwd]
+    return [*bwd, *(t for t in range(ref + 1, n) if t not in after)]
 
 
 def covering_calls(

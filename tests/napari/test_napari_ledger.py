@@ -84,7 +84,9 @@ def test_correction_recomputes_only_up_to_the_next_reference():
     assert plan.calls == [(3, 7)]
 
 
-def test_correction_with_both_directions_recomputes_its_two_neighbouring_gaps():
+def test_correction_with_both_directions_recomputes_from_the_previous_reference_on():
+    # the forward side of "both" walks on through every later stretch: frame 11, after the last
+    # reference, read frame 5's old prediction through it
     sig = L.signature(model="m", direction="both")
     labels, ledger = _frames(12), {"written": {}, "runs": {}}
     labels[0] = 1
@@ -93,8 +95,8 @@ def test_correction_with_both_directions_recomputes_its_two_neighbouring_gaps():
     _simulate_run(labels, ledger, plan, infos, keys, sig=sig)
     labels[5] = 2
     plan, *_ = _plan(labels, ledger, "both", sig=sig)
-    assert plan.write == [1, 2, 3, 4, 6, 7, 8, 9]
-    assert plan.calls == [(0, 6), (5, 11)]
+    assert plan.write == [1, 2, 3, 4, 6, 7, 8, 9, 11]
+    assert plan.calls == [(0, 6), (5, 11), (10, 12)]
 
 
 def test_erased_reference_and_other_settings():
