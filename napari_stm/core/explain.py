@@ -58,9 +58,10 @@ class ReadRecord:
     shape: tuple[int, int]
 
 
-def pack_labels(probs: Tensor) -> tuple[bytes, tuple[int, int]]:
-    """Network-size probabilities [N+1, Hp, Wp] -> compressed class indices."""
-    cls = probs.max(0).indices.to(torch.uint8).cpu().numpy()
+def pack_labels(probs: Tensor, cls: Tensor | None = None) -> tuple[bytes, tuple[int, int]]:
+    """Network-size probabilities [N+1, Hp, Wp] (or their ``cls = probs.max(0).indices``
+    when already known) -> compressed class indices."""
+    cls = (probs.max(0).indices if cls is None else cls).to(torch.uint8).cpu().numpy()
     return zlib.compress(cls.tobytes(), 1), (int(cls.shape[0]), int(cls.shape[1]))
 
 

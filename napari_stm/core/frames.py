@@ -112,6 +112,60 @@ def from_network(x: Tensor, geo: Geometry) -> Tensor:
     return x
 
 
+def labels_from_network(probs: Tensor, geo: Geometry, cls: Tensor | None = None) -> Tensor:
+    """The most probable class [H, W] (int64) at each pixel of the user's frame, from
+    network-size class probabilities [C, Hp, Wp]: ``from_network(probs).max(0).indices`` to
+    float rounding, without resizing every class map to the frame's size.
+
+    Bilinear resizing is linear: where one class is the most probable at all four network
+    pixels a frame pixel is interpolated from, it is the most probable there too. Only the
+    other pixels (along object boundaries, a few percent of a frame) interpolate every class.
+    With 100 objects at 480p this took 0.15 s instead of 0.4 s on CPU. ``cls``:
+    ``probs.max(0).indices`` [Hp, Wp] when already known.
+    """
+    inner = crop_padding(probs, geo)
+    cls = inner.max(0).indices if cls is None else crop_padding(cls, geo)
+    if not geo.resized:
+        return cls
+    c, hi, wi = inner.shape
+    h, w = geo.size
+    y0, y1, ly = _bilinear_taps(hi, h, inner.device)
+    x0, x1, lx = _bilinear_taps(wi, w, inner.device)
+    rows0, rows1 = cls[y0], cls[y1]  # [H, wi]
+    out = rows0[:, x0]
+    mixed = (out != rows0[:, x1]) | (out != rows1[:, x0]) | (out != rows1[:, x1])
+    ys, xs = mixed.nonzero(as_tuple=True)
+    if not ys.numel():
+        return out
+    # Indices into the padded maps: a view, where the cropped ones would be copied whole.
+    left, _, top_pad, _ = geo.pad
+    hp, wp = probs.shape[-2:]
+    flat = probs.reshape(c, hp * wp)
+    taps = [
+        (y * wp + x).reshape(-1)
+        for y in ((y0[ys] + top_pad), (y1[ys] + top_pad))
+        for x in ((x0[xs] + left), (x1[xs] + left))
+    ]
+    v = [torch.gather(flat, 1, tap[None].expand(c, -1)) for tap in taps]  # [C, K] each
+    b, a = lx[xs], ly[ys]
+    # Three lerps over [C, K]: a third of the time of the ten products and sums written out.
+    mixed_values = torch.lerp(torch.lerp(v[0], v[1], b), torch.lerp(v[2], v[3], b), a)
+    out[ys, xs] = mixed_values.max(0).indices
+    return out
+
+
+def _bilinear_taps(n_in: int, n_out: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """For each of ``n_out`` positions resized from ``n_in`` (bilinear, align_corners=False):
+    its two source positions and the second one's weight, as ``F.interpolate`` computes them."""
+    scale = n_in / n_out
+    src = ((torch.arange(n_out, device=device, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(
+        min=0
+    )
+    i0 = src.long()
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    return i0, i1, src - i0
+
+
 def crop_padding(x: Tensor, geo: Geometry) -> Tensor:
     """[..., Hp, Wp] at network size -> the frame's part, without padding (not resized)."""
     left, right, top, bottom = geo.pad

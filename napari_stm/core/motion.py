@@ -47,20 +47,45 @@ class MotionEstimate:
             return self.initial
         return min(MAX_SIGMA, max(MIN_SIGMA, GAIN * self.speed))
 
-    def observe(self, t: int, probs: Tensor) -> None:
+    def observe(
+        self,
+        t: int,
+        probs: Tensor,
+        disjoint: bool = False,
+        top: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
         """Take the objects' probabilities [N, H, W] (or one-hot masks) in frame ``t``.
 
-        An object is where its probability exceeds 0.5.
+        An object is where its probability exceeds 0.5. ``disjoint``: at most one object
+        exceeds 0.5 at any pixel (aggregated probabilities, which sum to at most 1, or
+        disjoint masks), so the objects' pixels come from one maximum over objects: one pass
+        over the maps instead of five (0.1 s of a 100-object 480p frame on CPU). ``top``: that
+        maximum when already known, over background and objects (values, class indices with
+        the background 0), as :meth:`napari_stm.core.step.StepOutput.top` gives it.
         """
         n, h, w = probs.shape
-        # Where an object wins, not its probability everywhere: a faint 1e-3 over a large
-        # frame outweighs a small object and would pull its centre towards the frame's.
-        p = (probs > 0.5).float()
-        mass = p.sum((1, 2))
-        ys = torch.arange(h, device=p.device, dtype=torch.float32)
-        xs = torch.arange(w, device=p.device, dtype=torch.float32)
-        safe = mass.clamp(min=1e-6)
-        centres = torch.stack([p.sum(2) @ ys / safe, p.sum(1) @ xs / safe], dim=1) / max(h, w)
+        if (disjoint or top is not None) and n > 0:
+            if top is None:
+                value, owner = probs.max(0)
+            else:
+                value, owner = top[0], top[1] - 1
+            # Where an object wins, not its probability everywhere: a faint 1e-3 over a large
+            # frame outweighs a small object and would pull its centre towards the frame's.
+            ys, xs = ((value > 0.5) & (owner >= 0)).nonzero(as_tuple=True)
+            won = owner[ys, xs]
+            mass = torch.bincount(won, minlength=n).to(torch.float32)
+            sums = [torch.bincount(won, weights=v.double(), minlength=n) for v in (ys, xs)]
+            safe = mass.clamp(min=1e-6).double()
+            centres = (torch.stack(sums, dim=1) / safe[:, None] / max(h, w)).float()
+        else:
+            # Where an object wins (see above).
+            p = (probs > 0.5).float()
+            mass = p.sum((1, 2))
+            ys_ = torch.arange(h, device=p.device, dtype=torch.float32)
+            xs_ = torch.arange(w, device=p.device, dtype=torch.float32)
+            safe = mass.clamp(min=1e-6)
+            centres = torch.stack([p.sum(2) @ ys_ / safe, p.sum(1) @ xs_ / safe], dim=1)
+            centres = centres / max(h, w)
         present = mass >= MIN_MASS
         if self._last is not None and self._last[0] != t and self._last[1].shape[0] == n:
             last_t, last_centres, last_present = self._last

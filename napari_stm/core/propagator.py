@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from napari_stm.core import step as stepping
 from napari_stm.core.config import Direction, PropagationConfig
 from napari_stm.core.errors import InputError
 from napari_stm.core.explain import (
@@ -380,23 +381,32 @@ class Propagator:
             sigma = tracker.motion_sigma  # the read's; the step then measures this frame
             out = tracker.segment(t, image)
             probs = out.probs
+            # The class maximum of the step's own probabilities, computed once for the read
+            # record, the labels and the confidence (many objects; fused probabilities differ).
+            many = probs.shape[0] - 1 >= stepping.MANY_OBJECTS
+            top = out.top() if many else None
             if plan.mode == "store":
                 assert stored is not None
                 stored[t - lo] = (probs * 255).round().to(torch.uint8).cpu().numpy()
-                self._stored_conf[t] = object_confidence(crop_padding(probs, self.geo)).cpu()
+                inner = None if top is None else tuple(crop_padding(x, self.geo) for x in top)
+                conf = object_confidence(crop_padding(probs, self.geo), inner)  # type: ignore[arg-type]
+                self._stored_conf[t] = conf.cpu()
             elif plan.mode == "fused":
                 assert stored is not None
                 probs = self._fuse(t, probs, stored, plan.span)
+                top = None
             else:
                 self._backward.pop(t, None)
             kind = "store" if plan.mode == "store" else "yield"
-            self._reads[kind][t] = ReadRecord(out.read.times or [], sigma, *pack_labels(probs))
+            self._reads[kind][t] = ReadRecord(
+                out.read.times or [], sigma, *pack_labels(probs, None if top is None else top[1])
+            )
             # What the forward side memorises is what it yields: per object one side's guess
             # (core/fuse.py), never a blend of the two. This is how the far reference of a
             # stretch reaches the forward pass: it never reads it.
             tracker.remember(t, image, probs, out.query)
             if plan.mode != "store":
-                yield tracker.result(t, probs, tracked)
+                yield tracker.result(t, probs, tracked, top)
 
     def _sides(self, span: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """Which objects the forward (from a) and backward (from b) side of a stretch track:

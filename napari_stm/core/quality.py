@@ -37,13 +37,14 @@ FLAG_REFERENCE = "reference"
 SUGGEST_GAP = 2
 
 
-def object_confidence(probs: Tensor) -> Tensor:
+def object_confidence(probs: Tensor, top: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Expected Jaccard index of each object's mask, [N] float32 in [0, 1].
 
-    ``probs`` [N+1, H, W]: background then objects (the soft-aggregated probabilities).
+    ``probs`` [N+1, H, W]: background then objects (the soft-aggregated probabilities);
+    ``top``: ``probs.max(0)``'s values and indices when already known.
     """
     n1 = probs.shape[0]
-    top, cls = probs.float().max(0)
+    top, cls = probs.float().max(0) if top is None else top
     cls = cls.flatten()
     # Inside its own mask an object's probability is the top one, so the intersection of every
     # object is one weighted count of the labels.

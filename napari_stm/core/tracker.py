@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from napari_stm.core import step as stepping
 from napari_stm.core.config import AlgorithmConfig, PropagationConfig
 from napari_stm.core.errors import InputError
 from napari_stm.core.frames import (
@@ -28,6 +29,7 @@ from napari_stm.core.frames import (
     fit_side,
     from_network,
     label_dtype,
+    labels_from_network,
     object_diameters,
     to_network,
 )
@@ -286,7 +288,8 @@ class Tracker:
                 out = self.segment(t, image, query)
                 query = out.query
                 self.remember(t, image, out.probs, out.query)
-                result = self.result(t, out.probs)
+                many = len(self.object_ids) >= stepping.MANY_OBJECTS
+                result = self.result(t, out.probs, top=out.top() if many else None)
         if shared:
             shared.put(key, image, query)
         return result.labels, result.probs
@@ -352,7 +355,7 @@ class Tracker:
         probs = from_labels(lab, self.object_ids, self.geo)
         self.lost.see_reference(label_areas(labels, self.object_ids))
         if self.policy.measures_motion:
-            self.motion.observe(t, probs)
+            self.motion.observe(t, probs, disjoint=len(self.object_ids) >= stepping.MANY_OBJECTS)
         if entry is None:
             entry = self._encode(image, probs)
         self._store(t, image, probs, entry, "reference")
@@ -386,7 +389,8 @@ class Tracker:
         if self.policy.measures_motion:
             # After aggregation: one object's own map also lights up every look-alike, and its
             # centre then jumps to their mean (measured 0.15 of the frame on ctc-sim-01's nuclei).
-            self.motion.observe(t, out.probs[1:])
+            many = n >= stepping.MANY_OBJECTS
+            self.motion.observe(t, out.probs[1:], top=out.top() if many else None)
         return out
 
     def remember(
@@ -398,19 +402,35 @@ class Tracker:
         keep = self.policy.keep(self.steps - 1, probs)
         self._pending = (t, image, self.policy.memorised(probs, self.geo), query, keep)
 
-    def result(self, t: int, probs: Tensor, tracked: Tensor | None = None) -> FrameResult:
+    def result(
+        self,
+        t: int,
+        probs: Tensor,
+        tracked: Tensor | None = None,
+        top: tuple[Tensor, Tensor] | None = None,
+    ) -> FrameResult:
         """Frame ``t``'s labels and probabilities, and the confidence, area and flag of the
-        objects ``tracked`` ([N] bool; default: those active in this pass)."""
-        assert self.geo is not None
-        full = from_network(probs[None], self.geo)[0]
-        # max(0).indices, not argmax(0): the same first-maximum index, but argmax over a short
-        # leading dimension took 80 ms of a 480p frame on CPU, max 7 ms.
+        objects ``tracked`` ([N] bool; default: those active in this pass). ``top``:
+        ``probs.max(0)``'s values and indices when already known (:meth:`StepOutput.top`)."""
+        geo = self.geo
+        assert geo is not None
         index = torch.uint8 if len(self.object_ids) < 256 else torch.int32
-        cls = full.max(0).indices.to(index).cpu().numpy()
+        many = len(self.object_ids) >= stepping.MANY_OBJECTS
+        if many:
+            if top is None:
+                top = probs.max(0)
+                top = (top.values, top.indices)
+            cls = labels_from_network(probs, self.geo, top[1]).to(index).cpu().numpy()
+        else:
+            full = from_network(probs[None], self.geo)[0]
+            # max(0).indices, not argmax(0): the same first-maximum index, but argmax over a
+            # short leading dimension took 80 ms of a 480p frame on CPU, max 7 ms.
+            cls = full.max(0).indices.to(index).cpu().numpy()
         lut = np.array([0, *self.object_ids], dtype=label_dtype(max(self.object_ids, default=0)))
         labels = lut[cls]
         on = (self.active if tracked is None else tracked).tolist()
-        conf = object_confidence(crop_padding(probs, self.geo)).tolist()
+        inner = None if top is None else (crop_padding(top[0], geo), crop_padding(top[1], geo))
+        conf = object_confidence(crop_padding(probs, self.geo), inner).tolist()
         confidence = {i: c for i, c, o in zip(self.object_ids, conf, on, strict=True) if o}
         area = label_areas(labels, list(confidence))
         # Held off the accelerator: a caller keeping every result must not fill GPU memory.
