@@ -268,3 +268,29 @@ def test_frames_after_the_last_reference_keep_the_memory_before_it(tiny_model, c
     ys, xs = np.nonzero(labels[11] == 1)
     ex = prop.explain(11, int(ys[0]), int(xs[0]))
     assert 0 in ex.frames and 6 in ex.frames
+
+
+def test_a_correction_does_not_rescale_the_video():
+    # A network with an object size works at the size the objects choose, each as first drawn:
+    # a later reference of the same objects, larger or smaller, changes no frame's scale (it
+    # did: every frame changed, also those the correction does not reach).
+    class Sized(TinyMatch):
+        object_side = 40
+
+    video, gt = make_clip(n_frames=10, height=192, width=288, seed=0)
+    prop = Propagator(Sized(), video, CPU)
+    prop.add_reference(0, gt[0])
+    first = prop.geo
+    assert first.resized
+    grown = np.zeros_like(gt[6])
+    grown[20:140, 20:200] = 1  # object 1 drawn much larger
+    grown[60:160, 180:280] = 2
+    prop.add_reference(6, grown)
+    assert prop.geo == first
+    # an object first drawn on a later reference still counts
+    late = np.zeros_like(gt[8])
+    late[10:12, 10:12] = 3
+    prop.add_reference(8, late)
+    assert prop.geo == first
+    prop.remove_reference(0)
+    assert prop.geo != first
