@@ -105,9 +105,9 @@ def frame_to_correct(
     that no reference is nearer to. Right next to a reference there are few such frames, yet
     that is where the confidence stays low after a correction (the frames beside one inherit
     its hard pose or blur), so the least sure frame kept landing beside the last correction.
-    Measured with the simulated annotator (`napari-stm bench annotate`, 3 rounds, DAVIS training
-    sequences and the left half of ctc-sim-01, docs/architecture.md): this rule gained 98% of
-    what correcting the worst true-J frame gained, the least sure frame 92%.
+    Measured with the simulated annotator (3 rounds; DAVIS training sequences and the left
+    halves of ctc-sim-01 and dic-hela-01, docs/architecture.md): this rule gained 85% of what
+    correcting the worst true-J frame gained, the least sure frame 80%.
     """
     refs = set(references)
     free = [t for t in confidence if t not in refs]
