@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from qtpy.QtCore import QRect, Qt, Signal
-from qtpy.QtGui import QColor, QImage, QMouseEvent, QPainter, QPaintEvent, QPen
-from qtpy.QtWidgets import QSizePolicy, QWidget
+from qtpy.QtCore import QEvent, QRect, Qt, Signal
+from qtpy.QtGui import QColor, QHelpEvent, QImage, QMouseEvent, QPainter, QPaintEvent, QPen
+from qtpy.QtWidgets import QSizePolicy, QToolTip, QWidget
 
 #: colours (RGB) of cells that carry no confidence
 NOT_COMPUTED = (60, 60, 60)
@@ -72,6 +72,19 @@ class Scores:
     def lost(self, t: int) -> list[int]:
         return [i for i, f in self.flags.get(t, {}).items() if f == "lost"]
 
+    def describe(self, t: int, row: int) -> str:
+        """What the strip's cell at frame ``t`` and ``row`` (objects by ascending id) shows."""
+        if not (0 <= t < self.n_frames and 0 <= row < len(self.ids)):
+            return f"frame {t}" if 0 <= t < self.n_frames else ""
+        i = self.ids[row]
+        if t in self.references or self.flags.get(t, {}).get(i) == "reference":
+            return f"frame {t}, object {i}: painted (a reference)"
+        if i not in self.confidence.get(t, {}):
+            return f"frame {t}, object {i}: not computed"
+        conf = self.confidence[t][i]
+        flag = self.flags.get(t, {}).get(i) or ("unsure" if conf < UNSURE_BELOW else "")
+        return f"frame {t}, object {i}: confidence {conf:.2f}" + (f", {flag}" if flag else "")
+
     def next_unsure(self, current: int, below: float = UNSURE_BELOW) -> int | None:
         """The first unsure frame after ``current`` (wrapping round), or None."""
         for step in range(1, self.n_frames + 1):
@@ -106,6 +119,11 @@ class ConfidenceStrip(QWidget):
     """Frames x objects, coloured by confidence; a click asks the viewer to show that frame."""
 
     frame_clicked = Signal(int)
+    LEGEND = (
+        "Confidence per frame (left to right) and object (top to bottom, ascending ids): green "
+        "sure, yellow middling, red unsure, magenta lost, blue painted, grey not computed. "
+        "Click to show a frame."
+    )
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -113,10 +131,6 @@ class ConfidenceStrip(QWidget):
         self.current: int | None = None
         self.setMinimumHeight(36)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
-        self.setToolTip(
-            "Confidence per frame (left to right) and object (top to bottom): green sure, "
-            "red unsure, magenta lost, blue painted, grey not computed. Click to show a frame."
-        )
 
     def set_scores(self, scores: Scores) -> None:
         self.scores = scores
@@ -134,6 +148,23 @@ class ConfidenceStrip(QWidget):
         if n == 0 or self.width() <= 0:
             return None
         return min(n - 1, max(0, int(x * n / self.width())))
+
+    def _row_at(self, y: float) -> int:
+        rows = max(len(self.scores.ids), 1)
+        return min(rows - 1, max(0, int(y * rows / max(self.height(), 1))))
+
+    def text_at(self, x: float, y: float) -> str:
+        """The tooltip at widget position (x, y): which frame and object, and its score."""
+        t = self._frame_at(x)
+        return "" if t is None else self.scores.describe(t, self._row_at(y))
+
+    def event(self, event: QEvent) -> bool:
+        # The rows carry no names: hovering says which frame and object a cell is.
+        if event.type() == QEvent.Type.ToolTip and isinstance(event, QHelpEvent):
+            text = self.text_at(event.pos().x(), event.pos().y())
+            QToolTip.showText(event.globalPos(), f"{text}\n\n{self.LEGEND}" if text else "")
+            return True
+        return super().event(event)
 
     def mousePressEvent(self, event: QMouseEvent) -> None:  # noqa: N802 (Qt's name)
         t = self._frame_at(event.position().x())

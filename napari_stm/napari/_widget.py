@@ -54,7 +54,7 @@ from napari_stm.napari import _ledger as ledger_mod
 from napari_stm.napari._gl_compat import import_triton_safely
 from napari_stm.napari._ledger import FrameInfo, Overwrite, RunPlan, State
 from napari_stm.napari._sequence import LayerFrames, SequenceView, make_view
-from napari_stm.napari._strip import ConfidenceStrip, Scores
+from napari_stm.napari._strip import UNSURE_BELOW, ConfidenceStrip, Scores
 
 if TYPE_CHECKING:
     import napari
@@ -208,6 +208,7 @@ class PropagateWidget(Container):
             tooltip="Show the next frame, after the current one, whose least sure object is "
             "below 0.5 confidence or lost.",
         )
+        self._unsure_text = Label(value="", visible=False)
         self._where_from = CheckBox(
             text="where from: click a pixel of a propagated frame",
             tooltip="Shows which memory frames the pixel's memory read looked at, and where, "
@@ -243,6 +244,7 @@ class PropagateWidget(Container):
                 self._eta,
                 self._status,
                 self._next_button,
+                self._unsure_text,
                 self._where_from,
                 self._where_text,
             ]
@@ -376,15 +378,18 @@ class PropagateWidget(Container):
         scores = self._scores.get(view.context_key())
         t = None if scores is None else scores.next_unsure(self._current_frame(image, view))
         if t is None:
-            show_info(
-                "napari-stm: no unsure frame"
-                + ("" if scores else ": propagate first, the confidence comes with the results")
+            # In the widget, not only as a notification: a toast is gone in seconds.
+            self._unsure_text.value = (
+                "no unsure frame: no computed object is below 0.5 confidence or lost"
+                if scores and scores.confidence
+                else "no unsure frame yet: propagate first, the confidence comes with the results"
             )
+            self._unsure_text.visible = True
+            show_info(f"napari-stm: {self._unsure_text.value}")
             return None
         self._show_frame(t)
-        lost = scores.lost(t) if scores is not None else []
-        if lost:
-            show_info(f"napari-stm: frame {t}: object(s) {', '.join(map(str, lost))} lost")
+        self._unsure_text.value = _why_unsure(t, scores)
+        self._unsure_text.visible = True
         return t
 
     def _show_frame(self, t: int) -> None:
@@ -682,6 +687,7 @@ class PropagateWidget(Container):
         self._undo_button.enabled = False
         self._cancel_button.enabled = True
         self._status.value = f"propagating {len(job.plan.write)} frame(s)..."
+        self._unsure_text.visible = False  # it spoke of the frames this run recomputes
         worker.start()
 
     # napari's progress bar calls QApplication.processEvents() when it moves, so these slots can
@@ -929,6 +935,17 @@ def _import_model_code(name: str) -> None:
             importlib.import_module(factory.split(":")[0])
         except ImportError:
             return  # load_model names the missing module in its error
+
+
+def _why_unsure(t: int, scores: Scores, limit: int = 4) -> str:
+    """Where "next unsure frame" went and which objects made it unsure, least sure first."""
+    lost = set(scores.lost(t))
+    conf = {i: 0.0 for i in lost} | scores.confidence.get(t, {})
+    unsure = sorted((i for i in conf if i in lost or conf[i] < UNSURE_BELOW), key=conf.get)
+    parts = [f"object {i} {'lost' if i in lost else 'unsure'} ({conf[i]:.2f})" for i in unsure]
+    parts[0] = parts[0].replace("(", "(confidence ", 1)
+    more = f" and {len(parts) - limit} more" if len(parts) > limit else ""
+    return f"frame {t}: {', '.join(parts[:limit])}{more}\ncorrect it, then Propagate again"
 
 
 def _duration(seconds: float) -> str:

@@ -531,11 +531,29 @@ def test_confidence_strip_fills_and_next_unsure_moves_there(make_napari_viewer, 
     for t in range(1, 8):
         scores.confidence[t] = dict.fromkeys(ids, 0.9)
         scores.flags[t] = {}
+    assert widget.next_unsure() is None and viewer.dims.current_step[0] == 0
+    assert widget._unsure_text.value.startswith("no unsure frame: no computed object is below")
     scores.confidence[5][ids[0]] = 0.2
+    scores.confidence[5][ids[-1]] = 0.4
     scores.flags[3] = {ids[-1]: "lost"}
+    scores.confidence[3][ids[-1]] = 0.05
+    # The widget's line (not only a toast, gone in seconds) says where it went and why.
     assert widget.next_unsure() == 3 and viewer.dims.current_step[0] == 3
+    assert not widget._unsure_text.native.isHidden()  # shown (the viewer itself is not)
+    assert widget._unsure_text.value.startswith(f"frame 3: object {ids[-1]} lost (confidence 0.05)")
     assert widget.next_unsure() == 5 and viewer.dims.current_step[0] == 5
+    assert widget._unsure_text.value.startswith(
+        f"frame 5: object {ids[0]} unsure (confidence 0.20), object {ids[-1]} unsure (0.40)\n"
+    )
     assert widget.next_unsure() == 3  # wraps round
+    # Hovering the strip names the frame and object of a cell (its rows carry no names).
+    strip = widget._strip
+    w, h, rows = strip.width(), strip.height(), len(ids)
+    at = lambda t, row: strip.text_at((t + 0.5) * w / 8, (row + 0.5) * h / rows)  # noqa: E731
+    assert at(3, rows - 1) == f"frame 3, object {ids[-1]}: confidence 0.05, lost"
+    assert at(5, 0) == f"frame 5, object {ids[0]}: confidence 0.20, unsure"
+    assert at(4, 0) == f"frame 4, object {ids[0]}: confidence 0.90"
+    assert at(0, 0) == f"frame 0, object {ids[0]}: painted (a reference)"
     # Painting a frame makes it a reference: its old score goes.
     labels = viewer.layers["cells"]
     labels.paint((3, 30, 30), ids[0])
