@@ -27,7 +27,7 @@ from cvat_function.shapes import (
     mask_from_shape,
     shape_points,
 )
-from napari_stm.core.engine import PropagationConfig, SharedFrame, Tracker
+from napari_stm.core.engine import PropagationConfig, SharedFrame, Tracker, step_trackers
 from napari_stm.core.model import VOSNetwork
 
 #: object id of the one object a tracker follows
@@ -121,12 +121,16 @@ def follow(
 ) -> list[np.ndarray]:
     """Each tracker's object on ``frame`` (bool masks, in order). With ``share`` the frame is
     encoded once for all of them (:class:`~napari_stm.core.engine.SharedFrame`), as CVAT's
-    SAM2 agent function computes image features once per frame in ``preprocess_image``."""
+    SAM2 agent function computes image features once per frame in ``preprocess_image``, and
+    the trackers that read their memory alike read and decode in one network call
+    (:func:`~napari_stm.core.engine.step_trackers`)."""
     if share and not isinstance(frame, SharedFrame):
         frame = SharedFrame(frame)
-    if not share and isinstance(frame, SharedFrame):
-        frame = frame.frame
-    return [tracker.step(frame)[0] == OBJECT_ID for tracker in trackers]
+    if not share:
+        raw = frame.frame if isinstance(frame, SharedFrame) else frame
+        return [tracker.step(raw)[0] == OBJECT_ID for tracker in trackers]
+    assert isinstance(frame, SharedFrame)
+    return [labels == OBJECT_ID for labels, _ in step_trackers(trackers, frame)]
 
 
 def shape_out(shape_type: str, mask: np.ndarray) -> dict | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from napari_stm.core.engine import PropagationConfig, SharedFrame, Tracker
+from napari_stm.core.engine import PropagationConfig, SharedFrame, Tracker, step_trackers
 from napari_stm.core.weights import load_model
 from napari_stm.synthetic import make_clip
 
@@ -42,3 +42,81 @@ def test_shared_frame_encodes_once_and_changes_nothing():
         for (wl, wp), (gl, gp) in zip(want, got, strict=True):
             assert np.array_equal(wl, gl)
             assert np.array_equal(wp, gp)
+
+
+def _trackers(model, frames, labels, k: int, config=CPU) -> list[Tracker]:
+    trackers = [Tracker(model, config, keep_sources=False) for _ in range(k)]
+    shared = SharedFrame(frames[0])
+    for i, tr in enumerate(trackers):
+        tr.step(shared, (labels[0] == i + 1).astype(np.uint8))
+    return trackers
+
+
+def _count_segments(runtime, calls: list) -> None:
+    segment = runtime.segment
+
+    def counted(query, keys, values, *args, **kwargs):
+        calls.append(values.shape[0])
+        return segment(query, keys, values, *args, **kwargs)
+
+    runtime.segment = counted
+
+
+def test_step_trackers_reads_and_decodes_once_and_equals_each_tracker_alone():
+    model = load_model("lite0-match", device="cpu")
+    frames, labels = make_clip(5, 64, 96, n_objects=3, seed=2, occlusion=False)
+    alone = _trackers(model, frames, labels, 3)
+    together = _trackers(model, frames, labels, 3)
+    calls: list = []
+    _count_segments(together[0].runtime, calls)
+    try:
+        for t in range(1, 5):
+            want = [tr.step(frames[t]) for tr in alone]
+            calls.clear()
+            got = step_trackers(together, SharedFrame(frames[t]))
+            assert calls == [3]  # one network call, the three trackers' objects side by side
+            for (wl, wp), (gl, gp) in zip(want, got, strict=True):
+                assert np.abs(wp - gp).max() < 1e-5
+                assert (wl == gl).mean() > 0.999
+    finally:
+        del together[0].runtime.segment
+    for a, b in zip(alone, together, strict=True):  # the states too
+        assert a.bank.frames() == b.bank.frames() and a.steps == b.steps
+        ka, va = a.bank.tensors(5)
+        kb, vb = b.bank.tensors(5)
+        assert torch.allclose(ka, kb) and torch.allclose(va.float(), vb.float(), atol=1e-5)
+
+
+def test_step_trackers_with_one_tracker_is_its_step_bit_for_bit():
+    model = load_model("lite0-match", device="cpu")
+    frames, labels = make_clip(3, 64, 96, n_objects=1, seed=3, occlusion=False)
+    (alone,) = _trackers(model, frames, labels, 1)
+    (together,) = _trackers(model, frames, labels, 1)
+    for t in range(1, 3):
+        wl, wp = alone.step(frames[t])
+        ((gl, gp),) = step_trackers([together], SharedFrame(frames[t]))
+        assert np.array_equal(wl, gl) and np.array_equal(wp, gp)
+
+
+def test_step_trackers_keeps_trackers_with_other_memories_apart():
+    # A tracker started a frame later holds other memory keys: it must read its own memory.
+    model = load_model("lite0-match", device="cpu")
+    frames, labels = make_clip(4, 64, 96, n_objects=2, seed=4, occlusion=False)
+    early = _trackers(model, frames, labels, 2)
+    late = Tracker(model, CPU, keep_sources=False)
+    late.step(frames[1], (labels[1] == 2).astype(np.uint8))
+    early_alone = _trackers(model, frames, labels, 2)
+    late_alone = Tracker(model, CPU, keep_sources=False)
+    late_alone.step(frames[1], (labels[1] == 2).astype(np.uint8))
+    for tr in (*early, *early_alone):
+        tr.step(frames[1])
+    calls: list = []
+    _count_segments(late.runtime, calls)
+    try:
+        got = step_trackers([*early, late], SharedFrame(frames[2]))
+    finally:
+        del late.runtime.segment
+    assert sorted(calls) == [1, 2]
+    want = [tr.step(frames[2]) for tr in (*early_alone, late_alone)]
+    for (wl, wp), (gl, gp) in zip(want, got, strict=True):
+        assert np.abs(wp - gp).max() < 1e-5 and (wl == gl).mean() > 0.999

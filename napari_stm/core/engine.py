@@ -19,7 +19,14 @@ from napari_stm.core.explain import Explanation
 from napari_stm.core.plan import Pass
 from napari_stm.core.policy import OFFICIAL_SLOTS, UNCERTAIN_BELOW, confidence
 from napari_stm.core.propagator import SPILL_BYTES, ProgressFn, Propagator
-from napari_stm.core.tracker import FrameResult, SharedFrame, Tracker, from_labels, one_hot
+from napari_stm.core.tracker import (
+    FrameResult,
+    SharedFrame,
+    Tracker,
+    from_labels,
+    one_hot,
+    step_trackers,
+)
 
 __all__ = [
     "OFFICIAL_SLOTS",
@@ -40,4 +47,5 @@ __all__ = [
     "confidence",
     "from_labels",
     "one_hot",
+    "step_trackers",
 ]

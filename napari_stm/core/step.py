@@ -99,6 +99,7 @@ def step(
     extra_slots: int = 0,
     logits: bool = False,
     precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    groups: int = 1,
 ) -> StepOutput:
     """Segment one frame (or a batch of frames) from memory.
 
@@ -107,6 +108,10 @@ def step(
     bool zeroes the objects not tracked yet (probabilities only). ``extra_slots`` empty object
     slots take part in the aggregation's softmax. The network calls run inside ``precision()``
     (an autocast context); the aggregation in float32 after them.
+
+    ``groups`` > 1: the read's objects are the objects of that many trackers side by side,
+    equally many each (:func:`napari_stm.core.tracker.step_trackers`): one network call, and
+    each tracker's objects aggregated on their own, probabilities [groups, 1 + N / groups, H, W].
     """
     with precision():
         if query is None:
@@ -125,6 +130,10 @@ def step(
         # All active (the usual case): skipping the product changes no bit and saves a pass.
         if not bool(active.all()):
             obj = obj * active.to(obj.device, torch.float32)[:, None, None]
+    if groups > 1:
+        assert image is None or image.shape[0] == 1, "groups of objects on one frame only"
+        obj = obj.unflatten(-3, (groups, n // groups))
+        n //= groups
     if n >= MANY_OBJECTS and not logits:
         return StepOutput(None, aggregate_probs(obj, extra_slots), query, read)
     agg = soft_aggregate(obj, extra_slots=extra_slots, logits=logits)

@@ -10,7 +10,7 @@ the one step function (core/step.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -258,9 +258,29 @@ class Tracker:
         Returns (labels H x W, uint8 for ids up to 255, probs float32 [N+1, H, W]).
         """
         shared = frame if isinstance(frame, SharedFrame) else None
-        reader = FrameReader(
-            [frame.frame if shared else frame], self.config.normalize, self._intensity
-        )
+        t, lab, reader = self._arrive(frame, labels)
+        key = self._frame_key()
+        image, query = shared.get(key) if shared else (None, None)
+        with torch.inference_mode():
+            if image is None:
+                image = reader.tensor(0, self.geo, self.device)
+            if lab is not None:
+                self.add_reference(t, image, lab)
+                result = self.reference_result(t, lab)
+            else:
+                self._check_referenced()
+                out = self.segment(t, image, query)
+                query = out.query if self.object_ids else query
+                result = self._segmented(t, image, out)
+        if shared:
+            shared.put(key, image, query)
+        return result.labels, result.probs
+
+    def _arrive(self, frame: Any, labels: Any) -> tuple[int, np.ndarray | None, FrameReader]:
+        """A streamed frame's index, checked labels and reader; the session's geometry and
+        intensity range set by its first frame."""
+        raw = frame.frame if isinstance(frame, SharedFrame) else frame
+        reader = FrameReader([raw], self.config.normalize, self._intensity)
         if reader.needs_range:
             self._intensity = reader.intensity_range
         if self.geo is not None and reader.size != self.geo.size:
@@ -274,25 +294,17 @@ class Tracker:
             # A session's first step is its reference: its objects may choose the size.
             refs = [] if lab is None else [lab]
             self.geo = working_geometry(reader.size, self.model, self.config, refs)
-        key = self._frame_key()
-        image, query = shared.get(key) if shared else (None, None)
-        with torch.inference_mode():
-            if image is None:
-                image = reader.tensor(0, self.geo, self.device)
-            if lab is not None:
-                self.add_reference(t, image, lab)
-                result = self.reference_result(t, lab)
-            else:
-                if not self._referenced:
-                    raise InputError("no reference yet: the first frame needs a mask")
-                out = self.segment(t, image, query)
-                query = out.query
-                self.remember(t, image, out.probs, out.query)
-                many = len(self.object_ids) >= stepping.MANY_OBJECTS
-                result = self.result(t, out.probs, top=out.top() if many else None)
-        if shared:
-            shared.put(key, image, query)
-        return result.labels, result.probs
+        return t, lab, reader
+
+    def _check_referenced(self) -> None:
+        if not self._referenced:
+            raise InputError("no reference yet: the first frame needs a mask")
+
+    def _segmented(self, t: int, image: Tensor, out: StepOutput) -> FrameResult:
+        """Offer a segmented streamed frame to the memory; its result."""
+        self.remember(t, image, out.probs, out.query)
+        many = len(self.object_ids) >= stepping.MANY_OBJECTS
+        return self.result(t, out.probs, top=out.top() if many else None)
 
     def _frame_key(self) -> tuple:
         """What a frame's network input and query features depend on besides the frame."""
@@ -369,14 +381,9 @@ class Tracker:
         """Frame ``t`` from the memory: its probabilities ``probs`` [N+1, Hp, Wp] at padded
         network size, its query features and the read they came from. ``query``: the frame's
         query features when already computed (by another tracker on the same frame)."""
-        self._flush_pending()
-        self._visit(t)
-        n = len(self.object_ids)
+        n = self._begin(t)
         if n == 0:
-            # Nothing to track (references without objects): every pixel is background.
-            probs = image.new_ones((1, *image.shape[-2:]))
-            none = image[:, :0]
-            return StepOutput(probs.log(), probs, QueryFeatures(key=none), Read(none, none))
+            return self._nothing(image)
         out = step(
             self.runtime,
             image,
@@ -386,12 +393,28 @@ class Tracker:
             extra_slots=self.policy.extra_slots(n),
             precision=self.runtime.precision,
         )
+        self._observe(t, out)
+        return out
+
+    def _begin(self, t: int) -> int:
+        """Before frame ``t`` is read: the pending frame written; how many objects to segment."""
+        self._flush_pending()
+        self._visit(t)
+        return len(self.object_ids)
+
+    @staticmethod
+    def _nothing(image: Tensor) -> StepOutput:
+        # Nothing to track (references without objects): every pixel is background.
+        probs = image.new_ones((1, *image.shape[-2:]))
+        none = image[:, :0]
+        return StepOutput(probs.log(), probs, QueryFeatures(key=none), Read(none, none))
+
+    def _observe(self, t: int, out: StepOutput) -> None:
         if self.policy.measures_motion:
             # After aggregation: one object's own map also lights up every look-alike, and its
             # centre then jumps to their mean (measured 0.15 of the frame on ctc-sim-01's nuclei).
-            many = n >= stepping.MANY_OBJECTS
+            many = len(self.object_ids) >= stepping.MANY_OBJECTS
             self.motion.observe(t, out.probs[1:], top=out.top() if many else None)
-        return out
 
     def remember(
         self, t: int, image: Tensor, probs: Tensor, query: QueryFeatures | None = None
@@ -496,3 +519,97 @@ class Tracker:
         if keep:
             self.bank.promote_previous(self.policy.kept_kind)
         self._keep_source(t, image, probs)
+
+
+def step_trackers(
+    trackers: Sequence[Tracker], frame: SharedFrame
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Segment ``frame`` with every tracker: ``[tr.step(frame) for tr in trackers]`` (the
+    objects of one CVAT request, one tracker each), with the network calls shared.
+
+    The frame is encoded once per runtime, geometry and intensity range (as through
+    :class:`SharedFrame`). Trackers that then read their memory alike (the same memory keys,
+    read settings and motion prior, as the trackers of one request started on one frame do)
+    and hold equally many objects read and decode in ONE call of the one step function, their
+    objects side by side (a network with windows around small objects, stm-lite, then decodes
+    each only around itself); each tracker aggregates, memorises and reports its own objects.
+    Each result equals the tracker's alone to float rounding, or, where the network's windows
+    apply, within their tolerance (docs/performance.md). A tracker whose read matches no
+    other's runs alone, exactly as :meth:`Tracker.step`.
+    """
+    arrived = [tr._arrive(frame, None) for tr in trackers]
+    for tr in trackers:
+        tr._check_referenced()
+    results: list[FrameResult | None] = [None] * len(trackers)
+    with torch.inference_mode():
+        inputs = []
+        for tr, (_, _, reader) in zip(trackers, arrived, strict=True):
+            key = tr._frame_key()
+            image, query = frame.get(key)
+            if image is None:
+                image = reader.tensor(0, tr.geo, tr.device)
+            if query is None and tr.object_ids:
+                with tr.runtime.precision():
+                    query = tr.runtime.encode_query(image)
+            frame.put(key, image, query)
+            inputs.append((key, image, query))
+        groups: list[tuple[tuple, list[tuple[int, Read]]]] = []
+        for i, (tr, (t, _, _)) in enumerate(zip(trackers, arrived, strict=True)):
+            key, image, query = inputs[i]
+            n = tr._begin(t)
+            if n == 0:
+                results[i] = tr._segmented(t, image, tr._nothing(image))
+                continue
+            assert query is not None
+            read = tr._read(t, query)
+            sigma = None if read.prior is None else tr.motion_sigma
+            gaps = None if read.times is None else tuple(abs(t - s) for s in read.times)
+            like = (key, n, tr.policy.extra_slots(n), read.top_k, sigma, gaps)
+            for signature, members in groups:
+                if signature == like and _same_keys(members[0][1].keys, read.keys):
+                    members.append((i, read))
+                    break
+            else:
+                groups.append((like, [(i, read)]))
+        for _, members in groups:
+            index = [i for i, _ in members]
+            outs = _step_together([trackers[i] for i in index], [r for _, r in members], inputs)
+            for i, out in zip(index, outs, strict=True):
+                tr, (t, _, _) = trackers[i], arrived[i]
+                tr._observe(t, out)
+                results[i] = tr._segmented(t, inputs[i][1], out)
+    return [(r.labels, r.probs) for r in results if r is not None]
+
+
+def _same_keys(a: Tensor, b: Tensor) -> bool:
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))
+
+
+def _step_together(
+    trackers: list[Tracker], reads: list[Read], inputs: list[tuple[tuple, Tensor, Any]]
+) -> list[StepOutput]:
+    """One step for trackers with the same memory keys and read settings (see
+    :func:`step_trackers`): their memory values side by side, one network call."""
+    first = trackers[0]
+    _, image, query = inputs[0]
+    n = len(first.object_ids)
+    read = reads[0]
+    if len(trackers) > 1:
+        values = torch.cat([r.values for r in reads], dim=0)
+        read = Read(read.keys, values, read.top_k, read.prior, read.times)
+    out = step(
+        first.runtime,
+        image,
+        lambda q: read,
+        query=query,
+        active=torch.cat([tr.active for tr in trackers]),
+        extra_slots=first.policy.extra_slots(n),
+        precision=first.runtime.precision,
+        groups=len(trackers),
+    )
+    if len(trackers) == 1:
+        return [out]
+    return [
+        StepOutput(None if out.logits is None else out.logits[k], out.probs[k], out.query, reads[k])
+        for k in range(len(trackers))
+    ]

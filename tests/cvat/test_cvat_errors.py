@@ -256,7 +256,9 @@ def test_internal_errors_are_500_and_the_worker_lives_on(handler, clip, monkeypa
         raise RuntimeError("CUDA out of memory (simulated)")
 
     tracker = handler.store.get(state["session"]).tracker
-    monkeypatch.setattr(tracker, "step", broken)
+    # The network call, where an accelerator runs out of memory (the request's trackers step
+    # together through step_trackers, not Tracker.step).
+    monkeypatch.setattr(tracker.runtime, "segment", broken)
     status, reply = handler.handle({"image": b64png(frames[1]), "states": [state]})
     assert status == 500
     assert "CUDA out of memory (simulated)" in reply["error"]
