@@ -466,13 +466,17 @@ class PropagateWidget(Container):
                 scale=labels.scale,
                 translate=labels.translate,
             )
-        point = [*view.labels_index(exp.t), exp.y, exp.x]
+        # The cross on every frame read too: the viewer moves to the strongest one, and the
+        # heat map means something only next to the spot that asked.
+        points = np.array(
+            [[*view.labels_index(f), exp.y, exp.x] for f in (exp.t, *exp.frames)], float
+        )
         pname = "where from: pixel"
         if pname in self._viewer.layers:
-            self._viewer.layers[pname].data = np.array([point], float)
+            self._viewer.layers[pname].data = points
         else:
             self._viewer.add_points(
-                np.array([point], float),
+                points,
                 name=pname,
                 symbol="cross",
                 size=7,

@@ -577,8 +577,10 @@ def test_where_from_shows_the_memory_read_as_layers(make_napari_viewer, qtbot):
     assert heat.shape == labels.data.shape
     for f, m in zip(exp.frames, exp.heatmaps, strict=True):
         np.testing.assert_array_equal(heat[f], m)
+    # The cross marks the pixel on its own frame and on every frame it read (where the viewer
+    # goes), so the heat map can be compared with the spot that asked.
     point = viewer.layers["where from: pixel"].data
-    np.testing.assert_array_equal(point, [[6, ys[0], xs[0]]])
+    np.testing.assert_array_equal(point, [[f, ys[0], xs[0]] for f in (6, *exp.frames)])
     strongest = exp.frames[int(np.argmax(exp.weights))]
     assert viewer.dims.current_step[0] == strongest
     assert f"of frame 6 read:\nframe {strongest} " in widget._where_text.value
