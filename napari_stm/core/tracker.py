@@ -573,7 +573,9 @@ def step_trackers(
                 groups.append((like, [(i, read)]))
         for _, members in groups:
             index = [i for i, _ in members]
-            outs = _step_together([trackers[i] for i in index], [r for _, r in members], inputs)
+            _, image, query = inputs[index[0]]  # one frame key per group: one image and query
+            reads = [r for _, r in members]
+            outs = _step_together([trackers[i] for i in index], reads, image, query)
             for i, out in zip(index, outs, strict=True):
                 tr, (t, _, _) = trackers[i], arrived[i]
                 tr._observe(t, out)
@@ -586,12 +588,11 @@ def _same_keys(a: Tensor, b: Tensor) -> bool:
 
 
 def _step_together(
-    trackers: list[Tracker], reads: list[Read], inputs: list[tuple[tuple, Tensor, Any]]
+    trackers: list[Tracker], reads: list[Read], image: Tensor, query: QueryFeatures
 ) -> list[StepOutput]:
     """One step for trackers with the same memory keys and read settings (see
     :func:`step_trackers`): their memory values side by side, one network call."""
     first = trackers[0]
-    _, image, query = inputs[0]
     n = len(first.object_ids)
     read = reads[0]
     if len(trackers) > 1:
