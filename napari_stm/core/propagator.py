@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from napari_stm.core import step as stepping
 from napari_stm.core.config import Direction, PropagationConfig
 from napari_stm.core.errors import InputError
 from napari_stm.core.explain import (
@@ -31,15 +30,20 @@ from napari_stm.core.explain import (
     pack_labels,
     unpack_masks,
 )
-from napari_stm.core.frames import FrameReader, Geometry, check_labels, crop_padding
+from napari_stm.core.frames import FrameReader, Geometry, check_labels
 from napari_stm.core.fuse import merge, take_backward
 from napari_stm.core.model import MemoryEntry, VOSNetwork
 from napari_stm.core.plan import Pass, affected, check_range, plan_passes, reach
 from napari_stm.core.policy import make_policy
-from napari_stm.core.quality import object_confidence
 from napari_stm.core.readout import motion_prior, read_weights
 from napari_stm.core.runtime import DirectReader, Prefetcher, frame_source, prepare
-from napari_stm.core.tracker import FrameResult, Tracker, from_labels, working_geometry
+from napari_stm.core.tracker import (
+    FrameResult,
+    Tracker,
+    frame_confidence,
+    from_labels,
+    working_geometry,
+)
 
 #: "both" keeps one direction's probabilities on disk past this size, not in RAM
 SPILL_BYTES = 256 * 1024 * 1024
@@ -342,8 +346,7 @@ class Propagator:
             )
             state = self._states.get(plan.frames[0]) if plan.walks_on else None
             if state is not None:
-                tracker.load_state_dict(state["tracker"])
-                tracker.lost.reference, tracker.lost.previous = (dict(d) for d in state["lost"])
+                tracker.resume(state)
             reads = plan.reads
             for t, (image, probs, entry) in self._entries.items():
                 if t != plan.frames[0] and t in reads:
@@ -384,13 +387,8 @@ class Propagator:
             if t in self.references:
                 image, _, entry = self._entries[t]
                 if plan.walks_on and tracker.steps > 0:
-                    # Its memory on reaching t, for a later call that starts at t. The frame
-                    # before t never enters memory: add_reference drops it, so drop it first.
-                    tracker._pending = None
-                    self._states[t] = {
-                        "tracker": tracker.state_dict(),
-                        "lost": (dict(tracker.lost.reference), dict(tracker.lost.previous)),
-                    }
+                    # Its memory on reaching t, for a later call that starts at t.
+                    self._states[t] = tracker.snapshot()
                 tracker.add_reference(t, image, self.references[t], entry)
                 if plan.mode != "store":
                     yield tracker.reference_result(t, self.references[t])
@@ -401,14 +399,11 @@ class Propagator:
             probs = out.probs
             # The class maximum of the step's own probabilities, computed once for the read
             # record, the labels and the confidence (many objects; fused probabilities differ).
-            many = probs.shape[0] - 1 >= stepping.MANY_OBJECTS
-            top = out.top() if many else None
+            top = out.top() if tracker.many_objects else None
             if plan.mode == "store":
                 assert stored is not None
                 stored[t - lo] = (probs * 255).round().to(torch.uint8).cpu().numpy()
-                inner = None if top is None else tuple(crop_padding(x, self.geo) for x in top)
-                conf = object_confidence(crop_padding(probs, self.geo), inner)  # type: ignore[arg-type]
-                self._stored_conf[t] = conf.cpu()
+                self._stored_conf[t] = frame_confidence(probs, self.geo, top).cpu()
             elif plan.mode == "fused":
                 assert stored is not None
                 probs = self._fuse(t, probs, stored, plan.span)
@@ -442,7 +437,7 @@ class Propagator:
         two references from that side. Every fused frame goes through here."""
         a, b = span
         backward = torch.from_numpy(np.asarray(stored[t - a - 1])).to(forward) / 255.0
-        c_fwd = object_confidence(crop_padding(forward, self.geo)).cpu()
+        c_fwd = frame_confidence(forward, self.geo).cpu()
         take = take_backward(c_fwd, self._stored_conf[t], backward_nearer=b - t < t - a)
         fwd, back = self._sides(span)
         take[back & ~fwd] = 1.0

@@ -128,6 +128,15 @@ def from_labels(labels: Tensor, ids: list[int], geo: Geometry | None) -> Tensor:
     return masks[0]
 
 
+def frame_confidence(
+    probs: Tensor, geo: Geometry, top: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
+    """Each object's confidence [N] on a frame's network-size probabilities [N+1, Hp, Wp],
+    padding left out; ``top``: their ``max(0)`` (values, indices) when already known."""
+    inner = None if top is None else (crop_padding(top[0], geo), crop_padding(top[1], geo))
+    return object_confidence(crop_padding(probs, geo), inner)
+
+
 class Tracker:
     """One direction of propagation, frame by frame, around a memory bank.
 
@@ -219,7 +228,28 @@ class Tracker:
         if "motion" in state:  # absent from states saved before the motion prior
             self.motion.load_state_dict(state["motion"])
 
+    def snapshot(self) -> dict[str, Any]:
+        """What this tracker holds on reaching a reference, for a later walk to go on from
+        there (:meth:`resume`). The frame waiting to enter memory is dropped first, as
+        :meth:`add_reference` drops it: the frame before a reference never enters memory."""
+        self._pending = None
+        return {
+            "tracker": self.state_dict(),
+            "lost": (dict(self.lost.reference), dict(self.lost.previous)),
+        }
+
+    def resume(self, snapshot: dict[str, Any]) -> None:
+        """Go on from a :meth:`snapshot`: memory, bookkeeping and the lost-object watch."""
+        self.load_state_dict(snapshot["tracker"])
+        self.lost.reference, self.lost.previous = (dict(d) for d in snapshot["lost"])
+
     # -- introspection ------------------------------------------------------------------------
+
+    @property
+    def many_objects(self) -> bool:
+        """Whether a frame takes the engine's many-object shortcuts (:data:`MANY_OBJECTS`)."""
+        return len(self.object_ids) >= stepping.MANY_OBJECTS
+
     @property
     def memory_frames(self) -> int:
         # A pending frame takes the place of the previous-frame entry when it is written.
@@ -303,8 +333,7 @@ class Tracker:
     def _segmented(self, t: int, image: Tensor, out: StepOutput) -> FrameResult:
         """Offer a segmented streamed frame to the memory; its result."""
         self.remember(t, image, out.probs, out.query)
-        many = len(self.object_ids) >= stepping.MANY_OBJECTS
-        return self.result(t, out.probs, top=out.top() if many else None)
+        return self.result(t, out.probs, top=out.top() if self.many_objects else None)
 
     def _frame_key(self) -> tuple:
         """What a frame's network input and query features depend on besides the frame."""
@@ -367,7 +396,7 @@ class Tracker:
         probs = from_labels(lab, self.object_ids, self.geo)
         self.lost.see_reference(label_areas(labels, self.object_ids))
         if self.policy.measures_motion:
-            self.motion.observe(t, probs, disjoint=len(self.object_ids) >= stepping.MANY_OBJECTS)
+            self.motion.observe(t, probs, disjoint=self.many_objects)
         if entry is None:
             entry = self._encode(image, probs)
         self._store(t, image, probs, entry, "reference")
@@ -413,8 +442,8 @@ class Tracker:
         if self.policy.measures_motion:
             # After aggregation: one object's own map also lights up every look-alike, and its
             # centre then jumps to their mean (measured 0.15 of the frame on ctc-sim-01's nuclei).
-            many = len(self.object_ids) >= stepping.MANY_OBJECTS
-            self.motion.observe(t, out.probs[1:], top=out.top() if many else None)
+            top = out.top() if self.many_objects else None
+            self.motion.observe(t, out.probs[1:], top=top)
 
     def remember(
         self, t: int, image: Tensor, probs: Tensor, query: QueryFeatures | None = None
@@ -438,8 +467,7 @@ class Tracker:
         geo = self.geo
         assert geo is not None
         index = torch.uint8 if len(self.object_ids) < 256 else torch.int32
-        many = len(self.object_ids) >= stepping.MANY_OBJECTS
-        if many:
+        if self.many_objects:
             if top is None:
                 top = probs.max(0)
                 top = (top.values, top.indices)
@@ -452,8 +480,7 @@ class Tracker:
         lut = np.array([0, *self.object_ids], dtype=label_dtype(max(self.object_ids, default=0)))
         labels = lut[cls]
         on = (self.active if tracked is None else tracked).tolist()
-        inner = None if top is None else (crop_padding(top[0], geo), crop_padding(top[1], geo))
-        conf = object_confidence(crop_padding(probs, self.geo), inner).tolist()
+        conf = frame_confidence(probs, geo, top).tolist()
         confidence = {i: c for i, c, o in zip(self.object_ids, conf, on, strict=True) if o}
         area = label_areas(labels, list(confidence))
         # Held off the accelerator: a caller keeping every result must not fill GPU memory.
