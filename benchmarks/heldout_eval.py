@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_stm.bands import band, band_objects, parse_columns
 from napari_stm.io import natural_key, read_label_image, write_palette_png
 
 FRAMES_REPORTED = (10, 30, 60)
@@ -71,17 +72,15 @@ def prepare_ctc(
     raws = sorted((root / "raw_tif").glob("t*.tif"), key=lambda p: natural_key(p.name))
     raws = raws[:max_frames]
     labels = [read_label_image(ann / f"{int(p.stem[1:]):05d}.png") for p in raws]
-    w = labels[0].shape[1]
-    x0, x1 = int(columns[0] * w), int(columns[1] * w)
-    first = labels[0][:, x0:x1]
-    ids, counts = np.unique(first, return_counts=True)
-    keep = {int(i) for i, c in zip(ids, counts, strict=True) if i != 0 and c >= min_pixels}
+    cols = band(labels[0].shape[1], columns)
+    keep = set(band_objects(labels[0][:, cols], min_pixels))
     lut = np.array([i if i in keep else 0 for i in range(256)], np.uint8)
     for t, (raw, lab) in enumerate(zip(raws, labels, strict=True)):
-        frame = tifffile.imread(raw)[:, x0:x1]
+        frame = tifffile.imread(raw)[:, cols]
         tifffile.imwrite(frames_dir / f"{t:05d}.tif", np.ascontiguousarray(frame))
-        write_palette_png(gt_dir / f"{t:05d}.png", lut[lab[:, x0:x1]])
-    (out / "done").write_text(json.dumps({"columns": [x0, x1], "cells": sorted(keep)}))
+        write_palette_png(gt_dir / f"{t:05d}.png", lut[lab[:, cols]])
+    done = {"columns": [cols.start, cols.stop], "cells": sorted(keep)}
+    (out / "done").write_text(json.dumps(done))
     return out
 
 
@@ -166,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="OMP threads of each propagation")
     args = p.parse_args(argv)
     work = args.work.resolve()
-    a, b = (float(x) for x in args.columns.split(":"))
+    a, b = parse_columns(args.columns)
     env_threads = {"OMP_NUM_THREADS": str(args.threads)}
     os.environ.update(env_threads)
 

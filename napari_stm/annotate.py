@@ -18,7 +18,8 @@ daughter cells carry their mother's id).
 
 Layouts: a DAVIS sequence folder (``JPEGImages/`` and ``Annotations/``), a Cell Tracking
 Challenge sequence as in ../shared/data (``raw_tif/`` and ``Annotations*/``), or any frames
-folder with ``--annotations``.
+folder with ``--annotations``. ``--columns A:B`` measures only a band of every frame (shares of
+the width, :mod:`napari_stm.bands`): the half of a time-lapse that training never read.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ PICKERS = ("tool", "oracle", "even")
 GOOD_J = 0.9
 #: frame folders of the layouts, in the order they are looked for
 FRAME_FOLDERS = ("JPEGImages", "raw_tif")
+#: with ``--columns``: objects the band's edge cuts below this many pixels on the first frame are
+#: left out (as benchmarks/heldout_eval.py's --min-pixels)
+MIN_PIXELS = 100
 #: annotation folders, in the order they are looked for (lineage: daughters keep the root's id)
 ANNOTATION_FOLDERS = ("Annotations_lineage", "Annotations")
 
@@ -74,9 +78,15 @@ def open_sequence(
     annotations: str | None = None,
     start: int = 0,
     stop: int | None = None,
+    columns: tuple[float, float] | None = None,
+    min_pixels: int = MIN_PIXELS,
 ) -> AnnotatedSequence:
-    """A DAVIS or Cell Tracking Challenge sequence folder, frames [start, stop)."""
+    """A DAVIS or Cell Tracking Challenge sequence folder, frames [start, stop).
+
+    ``columns`` (shares of the width): only that band of every frame and mask, and of the first
+    frame's objects only those with at least ``min_pixels`` pixels in it."""
     from napari_stm import io
+    from napari_stm.bands import BandSource, band, band_objects
 
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -99,20 +109,34 @@ def open_sequence(
     if not 0 <= start < stop <= n:
         raise InputError(f"frames {start}..{stop} do not fit '{root.name}' ({n} frames)")
     masks = io.read_masks(ann, source.stems, source.frame_shape)
+    name = root.name
+    if columns is not None:
+        cols = band(source.frame_shape[1], columns)
+        source = BandSource(source, cols)
+        masks = {t: np.ascontiguousarray(m[:, cols]) for t, m in masks.items()}
+        name = f"{root.name}@{columns[0]:g}-{columns[1]:g}"
     missing = [t for t in range(start, stop) if t not in masks]
     if missing:
         raise InputError(
             f"'{ann}' has no mask for {len(missing)} of frames {start}..{stop - 1} (first: "
             f"{source.stems[missing[0]]}); the simulated annotator needs every frame's truth"
         )
-    objects = [int(i) for i in np.unique(masks[start]) if i != 0]
-    if not objects:
-        raise InputError(f"the first frame's mask ({source.stems[start]}) holds no object")
+    if columns is None:
+        objects = [int(i) for i in np.unique(masks[start]) if i != 0]
+        if not objects:
+            raise InputError(f"the first frame's mask ({source.stems[start]}) holds no object")
+    else:
+        objects = band_objects(masks[start], min_pixels)
+        if not objects:
+            raise InputError(
+                f"the first frame's mask ({source.stems[start]}) holds no object of at least "
+                f"{min_pixels} pixels in columns {columns[0]:g}:{columns[1]:g}"
+            )
     truth = {
         t: np.where(np.isin(masks[t], objects), masks[t], 0).astype(masks[t].dtype)
         for t in range(start, stop)
     }
-    return AnnotatedSequence(root.name, source, truth, objects, start, stop)
+    return AnnotatedSequence(name, source, truth, objects, start, stop)
 
 
 def object_j(truth: np.ndarray, labels: np.ndarray, objects: list[int]) -> np.ndarray:
@@ -444,6 +468,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--start", type=int, default=0, help="first frame (default: 0)")
     p.add_argument("--stop", type=int, default=None, help="frame after the last (default: all)")
+    p.add_argument(
+        "--columns",
+        default=None,
+        metavar="A:B",
+        help="only this band of every frame, as shares of the width (0.5:1 = right half, the "
+        "half `train --ctc-columns 0:0.5` never read); default: the whole frame",
+    )
+    p.add_argument(
+        "--min-pixels",
+        type=int,
+        default=MIN_PIXELS,
+        help="with --columns: leave out objects the band cuts below this many pixels on the "
+        "first frame (default: %(default)s)",
+    )
     p.add_argument("--model", default=None, help="model name (default: as `propagate` chooses)")
     p.add_argument("--weights", default=None, help="checkpoint path or URL")
     p.add_argument("--device", default=None, choices=["cpu", "cuda", "mps"])
@@ -475,12 +513,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from napari_stm.bands import parse_columns
     from napari_stm.core.engine import PropagationConfig
     from napari_stm.core.weights import default_model_name, load_model
 
     if args.rounds < 0:
         raise InputError(f"--rounds must be 0 or more, not {args.rounds}")
-    seqs = [open_sequence(s, args.annotations, args.start, args.stop) for s in args.sequences]
+    columns = None if args.columns is None else parse_columns(args.columns)
+    seqs = [
+        open_sequence(s, args.annotations, args.start, args.stop, columns, args.min_pixels)
+        for s in args.sequences
+    ]
     # The rule `propagate` follows, on the first sequence's frames.
     first = seqs[0].frames
     name = args.model or default_model_name(first.frame_shape, first.dtype)

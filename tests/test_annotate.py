@@ -192,3 +192,50 @@ def test_a_run_split_by_budget_continues_from_its_state(davis, tmp_path):
     ]
     np.testing.assert_allclose([r.mean_j for r in rest], [r.mean_j for r in whole])
     assert len(frames) == (1 + 2 * 3) * 14 * 2
+
+
+def test_bench_annotate_measures_a_band_of_columns(ctc, tmp_path, clip):
+    # The held-out band of a time-lapse, cut as benchmarks/heldout_eval.py cuts it: columns
+    # 38.. of every frame and mask (0.4 of 96 pixels). The band's edge cuts object 1 to 25
+    # pixels on the first frame: a sliver, left out unless --min-pixels lets it in.
+    _, labels = clip
+    whole = annotate.open_sequence(ctc)
+    band = annotate.open_sequence(ctc, columns=(0.4, 1.0))
+    assert band.name == "sim@0.4-1"
+    assert band.frames.frame_shape == (64, 58) and len(band) == 14
+    for t in (0, 7, 13):
+        np.testing.assert_array_equal(band.frames[t], whole.frames[t][:, 38:])
+    assert band.objects == [2] and int((labels[0][:, 38:] == 1).sum()) == 25
+    np.testing.assert_array_equal(band.truth[5], np.where(labels[5][:, 38:] == 2, 2, 0))
+    assert annotate.open_sequence(ctc, columns=(0.4, 1.0), min_pixels=25).objects == [1, 2]
+    # The command, end to end.
+    out = tmp_path / "band.csv"
+    argv = ["bench", "annotate", str(ctc), "--rounds", "1", "--pickers", "even"]
+    argv += ["--model", MODEL, "--device", "cpu", "--columns", "0.4:1", "--min-pixels", "25"]
+    assert cli.main([*argv, "--csv", str(out)]) == 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["sequence"], r["round"]) for r in rows] == [("sim@0.4-1", "0"), ("sim@0.4-1", "1")]
+    assert rows[0]["computed"] == "13"
+
+
+@pytest.mark.parametrize(
+    ("columns", "message"),
+    [
+        ("half", "--columns must be A:B"),
+        ("0.5", "--columns must be A:B"),
+        ("0.5:1:2", "--columns must be A:B"),
+        ("1:0.5", "0 <= A < B <= 1"),
+        ("0.5:1.5", "0 <= A < B <= 1"),
+        ("0.5:0.505", "hold no whole pixel column"),
+    ],
+)
+def test_bench_annotate_names_bad_columns(ctc, columns, message, capsys):
+    argv = ["bench", "annotate", str(ctc), "--rounds", "0", "--model", MODEL]
+    assert cli.main([*argv, "--device", "cpu", "--columns", columns]) != 0
+    assert message in capsys.readouterr().err
+
+
+def test_a_band_left_with_no_object_is_named(ctc):
+    with pytest.raises(InputError, match="no object of at least 10000 pixels in columns 0.5:1"):
+        annotate.open_sequence(ctc, columns=(0.5, 1.0), min_pixels=10_000)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from napari_stm.bands import parse_columns
 from napari_stm.core.errors import InputError
 
 #: default crop side: the paper's 384 on a GPU, smaller on a CPU
@@ -157,10 +158,7 @@ def build_dataset(args: argparse.Namespace, crop: int):  # noqa: ANN201 - a torc
         video = ds.DavisDataset(sequences, max_gap=args.max_gap, curriculum=curriculum, **common)
         parts.append((video, args.davis_weight))
     if args.ctc:
-        try:
-            a, b = (float(x) for x in args.ctc_columns.split(":"))
-        except ValueError:
-            raise InputError(f"--ctc-columns must be A:B, got {args.ctc_columns!r}") from None
+        a, b = parse_columns(args.ctc_columns, "--ctc-columns")
         sequences = ds.find_ctc_sequences(args.ctc)
         parts.append((ds.CtcDataset(sequences, columns=(a, b), **common), args.ctc_weight))
     if args.cells_weight > 0:
