@@ -1,5 +1,5 @@
 """Regenerate docs/images/napari_widget.png (the viewer after a run, with the confidence
-strip), napari_unsure.png (after "next unsure frame") and napari_where_from.png (a pixel's
+strip), napari_unsure.png (after "next frame to correct") and napari_where_from.png (a pixel's
 memory read as layers).
 
     python benchmarks/napari_screenshot.py [--data sample|crowded] [--seed S]
@@ -7,7 +7,7 @@ memory read as layers).
 
 Opens napari with a synthetic time-lapse (first frame painted from its ground truth), docks the
 napari-stm widget, propagates, shows a frame in the middle of the stack and saves a screenshot
-of the whole window; then, from frame 0, presses "next unsure frame" and asks where a pixel
+of the whole window; then, from frame 0, presses "next frame to correct" and asks where a pixel
 read from. ``--data sample`` is napari's sample (File > Open Sample), on which no frame is
 unsure; ``--data crowded`` a harder procedural one (``make_cell_timelapse``: crowded, touching,
 dividing and entering cells, noise; fixed seed) where the run loses cells, so the jump has
@@ -166,7 +166,7 @@ def shoot(args: argparse.Namespace) -> None:
 
     viewer.dims.set_current_step(0, 0)
     jumped = widget.next_unsure()
-    print(f"next unsure frame from 0: {jumped}; the widget says: {widget._unsure_text.value!r}")
+    print(f"frame to correct (U): {jumped}; the widget says: {widget._unsure_text.value!r}")
     if jumped is not None:
         for i, c in sorted(scores.confidence[jumped].items(), key=lambda kv: kv[1]):
             flag = scores.flags.get(jumped, {}).get(i, "")

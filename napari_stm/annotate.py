@@ -39,7 +39,7 @@ import numpy as np
 
 from napari_stm.core.atomic import atomic_path
 from napari_stm.core.errors import InputError
-from napari_stm.core.quality import frame_to_correct
+from napari_stm.core.quality import frame_to_correct, mean_confidence
 from napari_stm.metrics import db_eval_iou
 
 PICKERS = ("tool", "oracle", "even")
@@ -202,7 +202,7 @@ class Annotator:
         self.labels[res.t] = res.labels
         conf = [res.confidence.get(i, 0.0) for i in seq.objects]
         js = object_j(seq.truth[res.t], res.labels, seq.objects)
-        self.confidence[res.t] = float(np.mean(conf))
+        self.confidence[res.t] = mean_confidence(res.confidence, seq.objects)
         self.j[res.t] = float(js.mean())
         self.objects[res.t] = [
             (c, float(j), res.flags.get(i, ""))

@@ -75,3 +75,11 @@ def test_the_frame_to_correct_is_the_least_sure_away_from_every_reference():
     assert frame_to_correct({0: 1.0, 1: 1.0}, [0, 1]) is None
     # ties: the earliest
     assert frame_to_correct({0: 1.0, 3: 0.5, 6: 0.5}, [0]) == 3
+
+
+def test_a_frames_confidence_for_the_picker_is_the_mean_over_its_objects():
+    from napari_stm.core.quality import mean_confidence
+
+    assert mean_confidence({1: 0.2, 2: 0.4}, [1, 2]) == pytest.approx(0.3)
+    # an object the frame has no confidence for (not tracked there) counts 0
+    assert mean_confidence({1: 0.2, 2: 0.4}, [1, 2, 3]) == pytest.approx(0.2)

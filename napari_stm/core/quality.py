@@ -93,6 +93,13 @@ class LostWatch:
         return out
 
 
+def mean_confidence(confidence: Mapping[int, float], objects: Iterable[int]) -> float:
+    """A frame's confidence as :func:`frame_to_correct` reads it: the mean over ``objects`` of
+    each one's confidence in the frame (an object the frame has none for counts 0). `bench
+    annotate --pickers tool` and the napari widget's "next frame to correct" both ask this."""
+    return float(np.mean([float(confidence.get(i, 0.0)) for i in objects]))
+
+
 def frame_to_correct(
     confidence: Mapping[int, float], references: Iterable[int], gap: int = SUGGEST_GAP
 ) -> int | None:

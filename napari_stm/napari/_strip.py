@@ -1,7 +1,8 @@
 """The confidence strip: one cell per frame and object, coloured by the engine's confidence.
 
 :class:`Scores` keeps what the engine said about each frame (confidence and flags per object)
-and decides which frame is the next one to look at; it is plain Python, tested without Qt.
+and asks the engine's picker (``core.quality.frame_to_correct``) which frame to correct next;
+it is plain Python, tested without Qt.
 :class:`ConfidenceStrip` draws it (frames left to right, objects top to bottom) and reports
 clicks as frame numbers.
 """
@@ -14,6 +15,8 @@ import numpy as np
 from qtpy.QtCore import QEvent, QRect, Qt, Signal
 from qtpy.QtGui import QColor, QHelpEvent, QImage, QMouseEvent, QPainter, QPaintEvent, QPen
 from qtpy.QtWidgets import QSizePolicy, QToolTip, QWidget
+
+from napari_stm.core.quality import frame_to_correct, mean_confidence
 
 #: colours (RGB) of cells that carry no confidence
 NOT_COMPUTED = (60, 60, 60)
@@ -85,14 +88,23 @@ class Scores:
         flag = self.flags.get(t, {}).get(i) or ("unsure" if conf < UNSURE_BELOW else "")
         return f"frame {t}, object {i}: confidence {conf:.2f}" + (f", {flag}" if flag else "")
 
-    def next_unsure(self, current: int, below: float = UNSURE_BELOW) -> int | None:
-        """The first unsure frame after ``current`` (wrapping round), or None."""
-        for step in range(1, self.n_frames + 1):
-            t = (current + step) % self.n_frames
-            score = self.frame_score(t)
-            if score is not None and score < below:
-                return t
-        return None
+    def unsure(self, t: int) -> bool:
+        """Whether frame ``t`` has an object below :data:`UNSURE_BELOW` or lost."""
+        score = self.frame_score(t)
+        return score is not None and score < UNSURE_BELOW
+
+    def to_correct(self) -> int | None:
+        """The frame to correct next, as `bench annotate --pickers tool` picks it
+        (``core.quality.frame_to_correct`` on each computed frame's mean object confidence),
+        or None when no computed frame is unsure: then there is nothing worth a correction."""
+        if not any(self.unsure(t) for t in self.confidence):
+            return None
+        conf = {
+            t: mean_confidence(c, self.ids)
+            for t, c in self.confidence.items()
+            if t not in self.references
+        }
+        return frame_to_correct(conf, self.references)
 
     def image(self) -> np.ndarray:
         """[objects, frames, 3] uint8: the strip's cells."""

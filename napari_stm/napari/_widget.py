@@ -204,9 +204,11 @@ class PropagateWidget(Container):
         self._progress = ProgressBar(value=0, min=0, max=1, visible=False, label="")
         self._eta = Label(value="", visible=False)
         self._next_button = PushButton(
-            text="Next unsure frame (U)",
-            tooltip="Show the next frame, after the current one, whose least sure object is "
-            "below 0.5 confidence or lost.",
+            text="Next frame to correct (U)",
+            tooltip="Show the frame worth correcting next: the least sure (mean confidence of "
+            "its objects) of the frames at least 2 frames from every painted frame, as "
+            "`napari-stm bench annotate --pickers tool` picks it. Nothing while no object "
+            "is below 0.5 confidence or lost.",
         )
         self._unsure_text = Label(value="", visible=False)
         self._where_from = CheckBox(
@@ -369,14 +371,15 @@ class PropagateWidget(Container):
             return None
 
     def next_unsure(self) -> int | None:
-        """Move the viewer to the next unsure frame after the current one (wrapping round);
-        returns it, or None when no computed frame is unsure."""
+        """Move the viewer to the frame to correct next: the one `bench annotate --pickers
+        tool` would correct (:meth:`Scores.to_correct`); returns it, or None when no computed
+        frame is unsure. The widget says where it went and which objects made it unsure."""
         shown = self._shown_view()
         if shown is None:
             return None
-        image, _, view = shown
+        _, _, view = shown
         scores = self._scores.get(view.context_key())
-        t = None if scores is None else scores.next_unsure(self._current_frame(image, view))
+        t = None if scores is None else scores.to_correct()
         if t is None:
             # In the widget, not only as a notification: a toast is gone in seconds.
             self._unsure_text.value = (
@@ -942,11 +945,16 @@ def _import_model_code(name: str) -> None:
 
 
 def _why_unsure(t: int, scores: Scores, limit: int = 4) -> str:
-    """Where "next unsure frame" went and which objects made it unsure, least sure first."""
+    """Where "next frame to correct" went and which objects made it unsure, least sure first;
+    when none of them is below the bar (the picker takes the least sure frame on average, away
+    from the painted ones), its least sure object."""
     lost = set(scores.lost(t))
     conf = {i: 0.0 for i in lost} | scores.confidence.get(t, {})
     unsure = sorted((i for i in conf if i in lost or conf[i] < UNSURE_BELOW), key=conf.get)
     parts = [f"object {i} {'lost' if i in lost else 'unsure'} ({conf[i]:.2f})" for i in unsure]
+    if not parts:
+        i = min(conf, key=conf.get)
+        parts = [f"no object below {UNSURE_BELOW}, least sure object {i} ({conf[i]:.2f})"]
     parts[0] = parts[0].replace("(", "(confidence ", 1)
     more = f" and {len(parts) - limit} more" if len(parts) > limit else ""
     return f"frame {t}: {', '.join(parts[:limit])}{more}\ncorrect it, then Propagate again"

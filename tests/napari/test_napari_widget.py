@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from napari_stm.core.engine import PropagationConfig, Propagator
+from napari_stm.core.quality import frame_to_correct
 from napari_stm.core.weights import default_model_name, load_model
 from napari_stm.napari import _widget
 from napari_stm.napari._ledger import METADATA_KEY
@@ -507,7 +508,7 @@ def test_closing_the_viewer_during_a_run_does_not_abort_python(tmp_path):
     assert "closed cleanly True" in out.stdout, out.stderr[-3000:]
 
 
-def test_confidence_strip_fills_and_next_unsure_moves_there(make_napari_viewer, qtbot):
+def test_confidence_strip_fills_and_u_goes_to_the_frame_to_correct(make_napari_viewer, qtbot):
     viewer = _viewer_with_sample(make_napari_viewer)
     widget = _add_widget(viewer)
     progress_seen = []
@@ -526,7 +527,8 @@ def test_confidence_strip_fills_and_next_unsure_moves_there(make_napari_viewer, 
     cells = scores.image()
     assert cells.shape == (len(ids), 8, 3)
     assert (cells[:, 0] == (70, 130, 230)).all()  # the painted frame
-    # The next unsure frame: after the current one, least sure object below the bar.
+    # The frame to correct next is the one `bench annotate --pickers tool` corrects: the least
+    # sure on average of the frames 2 or more from every painted frame (frame_to_correct).
     viewer.dims.set_current_step(0, 0)
     for t in range(1, 8):
         scores.confidence[t] = dict.fromkeys(ids, 0.9)
@@ -537,15 +539,30 @@ def test_confidence_strip_fills_and_next_unsure_moves_there(make_napari_viewer, 
     scores.confidence[5][ids[-1]] = 0.4
     scores.flags[3] = {ids[-1]: "lost"}
     scores.confidence[3][ids[-1]] = 0.05
+    scores.confidence[1] = dict.fromkeys(ids, 0.01)  # beside the painted frame 0
+    means = {t: float(np.mean(list(scores.confidence[t].values()))) for t in range(1, 8)}
+    assert frame_to_correct(means, {0}) == 5
     # The widget's line (not only a toast, gone in seconds) says where it went and why.
-    assert widget.next_unsure() == 3 and viewer.dims.current_step[0] == 3
-    assert not widget._unsure_text.native.isHidden()  # shown (the viewer itself is not)
-    assert widget._unsure_text.value.startswith(f"frame 3: object {ids[-1]} lost (confidence 0.05)")
     assert widget.next_unsure() == 5 and viewer.dims.current_step[0] == 5
+    assert not widget._unsure_text.native.isHidden()  # shown (the viewer itself is not)
     assert widget._unsure_text.value.startswith(
         f"frame 5: object {ids[0]} unsure (confidence 0.20), object {ids[-1]} unsure (0.40)\n"
     )
-    assert widget.next_unsure() == 3  # wraps round
+    assert widget.next_unsure() == 5  # until it is corrected, the same frame
+    # Once frame 5 is painted (a reference), frames 3..7 are near one: frame 3's lost object.
+    scores.references.add(5)
+    assert widget.next_unsure() == 3 and viewer.dims.current_step[0] == 3
+    assert widget._unsure_text.value.startswith(f"frame 3: object {ids[-1]} lost (confidence 0.05)")
+    # Unsure only beside the painted frames: the least sure far frame, said as such.
+    scores.confidence[3] = dict.fromkeys(ids, 0.8)
+    scores.flags[3] = {}
+    assert widget.next_unsure() == 3
+    assert widget._unsure_text.value.startswith(
+        f"frame 3: no object below 0.5, least sure object {ids[0]} (confidence 0.80)\n"
+    )
+    scores.references.discard(5)
+    scores.confidence[3][ids[-1]] = 0.05
+    scores.flags[3] = {ids[-1]: "lost"}
     # Hovering the strip names the frame and object of a cell (its rows carry no names).
     strip = widget._strip
     w, h, rows = strip.width(), strip.height(), len(ids)
