@@ -1,12 +1,16 @@
 """Many objects through the CVAT tracker: time per frame for K shapes in one request.
 
-    python benchmarks/cvat_objects.py --objects 1 10 30 100 --frames 4
+    python benchmarks/cvat_objects.py --objects 1 10 30 100 --frames 4 [--path nuclio agent]
 
 CVAT keeps one state per shape, so the function runs one tracker per object; a request with K
 states steps K trackers on one frame. The frames are ``napari-stm bench``'s synthetic 480p
-video (textured ellipses); the first frame starts K sessions from the ground truth masks,
-the next ``--frames`` are continue calls, timed (median). ``--shared`` on/off compares one
-query encoding per request (what the handler does) with one per tracker.
+video (textured ellipses); the first frame starts K sessions from the ground truth masks
+(timed: "start ms"), the next ``--frames`` are continue calls, timed (median). ``--shared``
+on/off compares one query encoding per request (what the handler does) with one per tracker.
+
+``--path agent`` drives the cvat-sdk agent function (``cvat_function/agent.py``) as cvat-cli's
+agent does: ``preprocess_image`` once per request, then ``init_tracking_state`` or ``track``
+once per shape, in the request's order (``--shared`` does not apply there).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--shared", choices=["on", "off", "both"], default="both")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--path", nargs="+", choices=["nuclio", "agent"], default=["nuclio"])
     args = parser.parse_args()
 
     import torch
@@ -49,14 +54,21 @@ def main() -> None:
         f"model {name}, {args.resolution} ({width}x{height}), {args.threads} thread(s), "
         f"median of {args.frames} continue calls"
     )
-    print("| objects | shared query | ms per frame | ms per object | x one object |")
-    print("|---|---|---|---|---|")
-    base: dict[bool, float] = {}
+    print(
+        "| path | objects | shared query | start ms | ms per frame | ms per object | x one object |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    base: dict[tuple, float] = {}
     for k in args.objects:
         video = SyntheticVideo(args.frames + 1, height, width, k, args.seed)
         labels = video.labels(0)
         shapes = [{"type": "mask", "points": encode_mask(labels == i)} for i in range(1, k + 1)]
         images = [_b64(video[t]) for t in range(args.frames + 1)]
+        if "agent" in args.path:
+            start, ms = _agent(model, images, shapes)
+            _row(base, ("agent",), k, "yes", start, ms)
+        if "nuclio" not in args.path:
+            continue
         for shared in modes:
             handler = ModelHandler(
                 model,
@@ -65,7 +77,9 @@ def main() -> None:
                 limits=Limits(max_objects=max(128, k)),
             )
             handler.share_query = shared
+            t0 = time.perf_counter()
             status, reply = handler.handle({"image": images[0], "shapes": shapes})
+            start = 1000 * (time.perf_counter() - t0)
             assert status == 200, reply
             states, times = reply["states"], []
             for t in range(1, args.frames + 1):
@@ -76,12 +90,59 @@ def main() -> None:
                 assert status == 200, reply
                 states = reply["states"]
             ms = 1000 * float(np.median(times))
-            base.setdefault(shared, ms)  # the first (smallest) object count
-            ratio = ms / base[shared]
-            print(
-                f"| {k} | {'yes' if shared else 'no'} | {ms:.0f} | {ms / k:.1f} | {ratio:.1f} |",
-                flush=True,
-            )
+            _row(base, ("nuclio", shared), k, "yes" if shared else "no", start, ms)
+
+
+def _row(base: dict, path: tuple, k: int, shared: str, start: float, ms: float) -> None:
+    base.setdefault(path, ms)  # the first (smallest) object count
+    print(
+        f"| {path[0]} | {k} | {shared} | {start:.0f} | {ms:.0f} | {ms / k:.1f} "
+        f"| {ms / base[path]:.1f} |",
+        flush=True,
+    )
+
+
+def _agent(model, images: list[str], shapes: list[dict]) -> tuple[float, float]:
+    """The agent function driven as cvat-cli's agent drives it (``agent_driver_tracking``:
+    one ``preprocess_image`` per request, then one call per shape, in order): the start
+    request's ms and the median continue request's ms."""
+    import base64
+    import io
+
+    import PIL.Image
+    from cvat_sdk.auto_annotation import (
+        TrackableShape,
+        TrackingFunctionContext,
+        TrackingFunctionShapeContext,
+    )
+
+    from cvat_function.agent import StmTrackingFunction
+
+    class Context(TrackingFunctionContext):
+        pass
+
+    class ShapeContext(TrackingFunctionShapeContext):
+        original_shape_type = "mask"
+
+    function = StmTrackingFunction(model)
+    pil = [PIL.Image.open(io.BytesIO(base64.b64decode(b))) for b in images]
+    for image in pil:
+        image.load()
+    t0 = time.perf_counter()
+    pp = function.preprocess_image(Context(), pil[0])
+    states = [
+        function.init_tracking_state(ShapeContext(), pp, TrackableShape(**shape))
+        for shape in shapes
+    ]
+    start = 1000 * (time.perf_counter() - t0)
+    times = []
+    for image in pil[1:]:
+        t0 = time.perf_counter()
+        pp = function.preprocess_image(Context(), image)
+        for state in states:
+            function.track(ShapeContext(), pp, state)
+        times.append(time.perf_counter() - t0)
+    return start, 1000 * float(np.median(times))
 
 
 def _b64(frame: np.ndarray) -> str:

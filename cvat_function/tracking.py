@@ -117,20 +117,24 @@ def remember(tracker: Tracker, frame: np.ndarray | SharedFrame, mask: np.ndarray
 
 
 def follow(
-    trackers: Sequence[Tracker], frame: np.ndarray | SharedFrame, share: bool = True
+    trackers: Sequence[Tracker],
+    frame: np.ndarray | SharedFrame,
+    share: bool = True,
+    ahead: Sequence[Tracker] = (),
 ) -> list[np.ndarray]:
     """Each tracker's object on ``frame`` (bool masks, in order). With ``share`` the frame is
     encoded once for all of them (:class:`~napari_stm.core.engine.SharedFrame`), as CVAT's
     SAM2 agent function computes image features once per frame in ``preprocess_image``, and
     the trackers that read their memory alike read and decode in one network call
-    (:func:`~napari_stm.core.engine.step_trackers`)."""
+    (:func:`~napari_stm.core.engine.step_trackers`); ``ahead``: trackers likely to be
+    followed on the same ``frame`` by later calls, computed in the same network calls."""
     if share and not isinstance(frame, SharedFrame):
         frame = SharedFrame(frame)
     if not share:
         raw = frame.frame if isinstance(frame, SharedFrame) else frame
         return [tracker.step(raw)[0] == OBJECT_ID for tracker in trackers]
     assert isinstance(frame, SharedFrame)
-    return [labels == OBJECT_ID for labels, _ in step_trackers(trackers, frame)]
+    return [labels == OBJECT_ID for labels, _ in step_trackers(trackers, frame, ahead)]
 
 
 def shape_out(shape_type: str, mask: np.ndarray) -> dict | None:

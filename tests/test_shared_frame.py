@@ -120,3 +120,66 @@ def test_step_trackers_keeps_trackers_with_other_memories_apart():
     want = [tr.step(frames[2]) for tr in (*early_alone, late_alone)]
     for (wl, wp), (gl, gp) in zip(want, got, strict=True):
         assert np.abs(wp - gp).max() < 1e-5 and (wl == gl).mean() > 0.999
+
+
+def test_trackers_started_on_one_frame_encode_it_once():
+    model = load_model("lite0-match", device="cpu")
+    frames, labels = make_clip(2, 64, 96, n_objects=3, seed=2, occlusion=False)
+    alone = [Tracker(model, CPU, keep_sources=False) for _ in range(3)]
+    for i, tr in enumerate(alone):
+        tr.step(frames[0], (labels[0] == i + 1).astype(np.uint8))
+    runtime = alone[0].runtime
+    calls: list = []
+    encode = runtime.encode_query
+    runtime.encode_query = lambda image: calls.append(1) or encode(image)
+    try:
+        together = _trackers(model, frames, labels, 3)
+    finally:
+        del runtime.encode_query
+    assert len(calls) == 1
+    for a, b in zip(alone, together, strict=True):
+        (ka, va), (kb, vb) = a.bank.tensors(1), b.bank.tensors(1)
+        assert torch.equal(ka, kb) and torch.equal(va, vb)
+
+
+def test_steps_computed_ahead_are_taken_and_leave_unasked_trackers_as_they_were():
+    model = load_model("lite0-match", device="cpu")
+    frames, labels = make_clip(5, 64, 96, n_objects=3, seed=2, occlusion=False)
+    alone = _trackers(model, frames, labels, 3)
+    together = _trackers(model, frames, labels, 3)
+    calls: list = []
+    _count_segments(together[0].runtime, calls)
+
+    def same(want, got):
+        (wl, wp), (gl, gp) = want, got
+        assert np.abs(wp - gp).max() < 1e-5 and (wl == gl).mean() > 0.999
+
+    try:
+        # Frame 1: tracker 0 asked first computes all three; 2 takes its step; 1 is never asked.
+        # (alone and together share the runtime: alone's steps run first, then calls cleared)
+        want = [alone[0].step(frames[1]), alone[2].step(frames[1])]
+        shared = SharedFrame(frames[1])
+        calls.clear()
+        (got0,) = step_trackers([together[0]], shared, ahead=together)
+        assert calls == [3] and shared.ahead == 2
+        (got2,) = step_trackers([together[2]], shared, ahead=together)
+        assert calls == [3] and shared.ahead == 1
+        same(want[0], got0)
+        same(want[1], got2)
+        assert together[1].steps == alone[1].steps == 1
+        # Frame 2: all three; tracker 1 reads as one that never saw frame 1, apart from the rest.
+        want = [a.step(frames[2]) for a in alone]
+        calls.clear()
+        got = step_trackers(together, SharedFrame(frames[2]))
+        assert sorted(calls) == [1, 2]
+        for w, g in zip(want, got, strict=True):
+            same(w, g)
+        # Frame 3: a step computed ahead goes stale when its tracker steps by another route.
+        shared = SharedFrame(frames[3])
+        step_trackers([together[0]], shared, ahead=together[1:])
+        together[1].step(frames[3])
+        (got,) = step_trackers([together[1]], shared)
+        alone[1].step(frames[3])
+        same(alone[1].step(frames[3]), got)
+    finally:
+        del together[0].runtime.segment

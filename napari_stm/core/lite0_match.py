@@ -39,6 +39,7 @@ class Lite0Match(VOSNetwork):
     name = "lite0-match"
     pad_multiple = 16
     default_top_k: int | None = 20
+    memory_from_query = True
 
     def __init__(self, pretrained: bool = True, temperature: float = 0.05) -> None:
         super().__init__()

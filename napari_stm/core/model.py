@@ -65,6 +65,9 @@ class VOSNetwork(nn.Module):
     #: when set and no max_side is configured, frames whose reference objects are larger are
     #: shrunk so they land there (core/frames.py: fit_side). None: working_side alone
     object_side: int | None = None
+    #: whether :meth:`encode_memory` reuses the frame's query features when it is given them
+    #: (its memory keys are its query keys): trackers sharing a frame then hand them over
+    memory_from_query: bool = False
 
     def encode_query(self, image: Tensor) -> QueryFeatures:
         """Encode a query frame [1, 3, H, W]."""

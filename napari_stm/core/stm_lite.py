@@ -245,6 +245,7 @@ class STMLite(VOSNetwork):
     #: whose window covers at most this share of the frame (core/crops.py): many small objects
     #: cost little more than one. 0: every object on the whole frame, the exact network.
     crop_share = 0.5
+    memory_from_query = True
 
     def __init__(
         self,

@@ -39,7 +39,7 @@ from napari_stm.core.motion import MotionEstimate
 from napari_stm.core.policy import make_policy
 from napari_stm.core.quality import FLAG_REFERENCE, LostWatch, label_areas, object_confidence
 from napari_stm.core.readout import MotionPrior, motion_prior
-from napari_stm.core.runtime import half_precision, prepare
+from napari_stm.core.runtime import Runtime, half_precision, prepare
 from napari_stm.core.step import Read, StepOutput, step
 
 
@@ -54,6 +54,10 @@ class SharedFrame:
         self._made: dict[tuple, tuple[Tensor, QueryFeatures | None]] = {}
         #: how many query encodings this frame saved
         self.reused = 0
+        # Steps computed ahead for trackers not stepped on this frame yet (step_trackers'
+        # ``ahead``): id(tracker) -> (tracker, its plan), taken by the tracker's own step.
+        self._ahead: dict[int, tuple[Tracker, _Plan]] = {}
+        self._stepped: dict[int, Tracker] = {}  # by step_trackers: not to compute ahead again
 
     def get(self, key: tuple) -> tuple[Tensor | None, QueryFeatures | None]:
         image, query = self._made.get(key, (None, None))
@@ -63,6 +67,20 @@ class SharedFrame:
     def put(self, key: tuple, image: Tensor, query: QueryFeatures | None) -> None:
         if query is not None or key not in self._made:
             self._made[key] = (image, query)
+
+    def query(self, key: tuple, image: Tensor, runtime: Runtime) -> QueryFeatures:
+        """The query features of this frame under ``key``, encoded by ``runtime`` once."""
+        _, query = self.get(key)
+        if query is None:
+            with runtime.precision():
+                query = runtime.encode_query(image)
+            self.put(key, image, query)
+        return query
+
+    @property
+    def ahead(self) -> int:
+        """How many trackers have a step computed on this frame that they have not taken."""
+        return len(self._ahead)
 
 
 @dataclass
@@ -163,6 +181,9 @@ class Tracker:
         #: how frames map to the network; None: set by the first frame :meth:`step` sees
         self.geo: Geometry | None = geometry
         self.steps = 0  # frames seen since the pass started
+        #: changes whenever what this tracker's next step computes may change (a frame
+        #: visited, objects added, memory loaded): a step computed ahead is valid while it holds
+        self.revision = 0
         self._pending: tuple[int, Tensor, Tensor, QueryFeatures | None, bool] | None = None
         self._sources: dict[int, tuple[Tensor, Tensor]] = {}
         # What each memory entry was made from, so objects that appear later can be added to
@@ -223,6 +244,7 @@ class Tracker:
             int(t): (img.to(self.device), p.to(self.device)) for t, img, p in state["sources"]
         }
         self._pending = None
+        self.revision += 1
         self.bank.load_state_dict(state["bank"], self.device)
         self.motion = MotionEstimate()
         if "motion" in state:  # absent from states saved before the motion prior
@@ -233,6 +255,7 @@ class Tracker:
         there (:meth:`resume`). The frame waiting to enter memory is dropped first, as
         :meth:`add_reference` drops it: the frame before a reference never enters memory."""
         self._pending = None
+        self.revision += 1
         return {
             "tracker": self.state_dict(),
             "lost": (dict(self.lost.reference), dict(self.lost.previous)),
@@ -295,7 +318,10 @@ class Tracker:
             if image is None:
                 image = reader.tensor(0, self.geo, self.device)
             if lab is not None:
-                self.add_reference(t, image, lab)
+                if shared and self.model.memory_from_query and (self.object_ids or lab.any()):
+                    # The objects of one request started on one frame: its query encoded once.
+                    query = shared.query(key, image, self.runtime)
+                self.add_reference(t, image, lab, query=query)
                 result = self.reference_result(t, lab)
             else:
                 self._check_referenced()
@@ -347,6 +373,7 @@ class Tracker:
         new = sorted(set(ids) - set(self.object_ids))
         if not new:
             return
+        self.revision += 1
         old_ids = self.object_ids
         self.object_ids = sorted(set(old_ids) | set(new))
         index = [self.object_ids.index(i) for i in old_ids]
@@ -376,9 +403,15 @@ class Tracker:
             self._store(s.t, img, p, self._encode(img, p), s.kind)
 
     def add_reference(
-        self, t: int, image: Tensor, labels: np.ndarray, entry: MemoryEntry | None = None
+        self,
+        t: int,
+        image: Tensor,
+        labels: np.ndarray,
+        entry: MemoryEntry | None = None,
+        query: QueryFeatures | None = None,
     ) -> None:
-        """Memorise frame ``t`` with a person's labels as permanent memory."""
+        """Memorise frame ``t`` with a person's labels as permanent memory (``entry``: already
+        encoded; ``query``: the frame's query features, for a network that reuses them)."""
         ids = [int(i) for i in np.unique(labels) if i != 0]
         known = {i for i, on in zip(self.object_ids, self.active.tolist(), strict=True) if on}
         if set(ids) - known:
@@ -398,12 +431,13 @@ class Tracker:
         if self.policy.measures_motion:
             self.motion.observe(t, probs, disjoint=self.many_objects)
         if entry is None:
-            entry = self._encode(image, probs)
+            entry = self._encode(image, probs, query)
         self._store(t, image, probs, entry, "reference")
         self.active |= torch.tensor([i in ids for i in self.object_ids], dtype=torch.bool)
 
     def preload_reference(self, t: int, image: Tensor, probs: Tensor, entry: MemoryEntry) -> None:
         """A reference the pass has not reached yet: in memory, but its objects not yet active."""
+        self.revision += 1
         self._store(t, image, probs, entry, "reference")
 
     def segment(self, t: int, image: Tensor, query: QueryFeatures | None = None) -> StepOutput:
@@ -504,6 +538,7 @@ class Tracker:
 
     # -- internals ----------------------------------------------------------------------------
     def _visit(self, t: int) -> None:
+        self.revision += 1
         self.steps += 1
         self._last_t = t
 
@@ -520,9 +555,11 @@ class Tracker:
         gaps = torch.tensor([abs(t - s) for s in times], device=query.key.device)
         return motion_prior(gaps, (grid[0], grid[1]), sigma)
 
-    def _encode(self, image: Tensor, obj_probs: Tensor) -> MemoryEntry:
+    def _encode(
+        self, image: Tensor, obj_probs: Tensor, query: QueryFeatures | None = None
+    ) -> MemoryEntry:
         with self.runtime.precision():
-            return self.runtime.encode_memory(image, obj_probs)
+            return self.runtime.encode_memory(image, obj_probs, query)
 
     def _store(self, t: int, image: Tensor, probs: Tensor, entry: MemoryEntry, kind: str) -> None:
         self.bank.add(t, entry, kind)  # type: ignore[arg-type]
@@ -548,8 +585,19 @@ class Tracker:
         self._keep_source(t, image, probs)
 
 
+@dataclass
+class _Plan:
+    """A tracker's step on a frame, computed and not yet taken (see :func:`step_trackers`)."""
+
+    revision: int  # the tracker's revision it was computed at
+    t: int
+    image: Tensor
+    out: StepOutput
+    segmented: bool = True  # False: no objects, nothing read
+
+
 def step_trackers(
-    trackers: Sequence[Tracker], frame: SharedFrame
+    trackers: Sequence[Tracker], frame: SharedFrame, ahead: Iterable[Tracker] = ()
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Segment ``frame`` with every tracker: ``[tr.step(frame) for tr in trackers]`` (the
     objects of one CVAT request, one tracker each), with the network calls shared.
@@ -563,51 +611,99 @@ def step_trackers(
     Each result equals the tracker's alone to float rounding, or, where the network's windows
     apply, within their tolerance (docs/performance.md). A tracker whose read matches no
     other's runs alone, exactly as :meth:`Tracker.step`.
+
+    ``ahead``: trackers likely to be stepped on this frame later, each by a call of its own
+    (cvat-sdk's agent asks for one shape at a time): their steps are computed in the same
+    network calls and kept on ``frame``. A tracker stepped on ``frame`` later takes its step
+    from there if nothing changed it in between (:attr:`Tracker.revision`), else computes it
+    afresh. Computing ahead advances nothing: a tracker's memory, motion and bookkeeping change
+    only when it is stepped (its frame waiting to enter memory is written, as its next step
+    would write it), so a tracker never stepped on ``frame`` is as it was.
     """
     arrived = [tr._arrive(frame, None) for tr in trackers]
     for tr in trackers:
         tr._check_referenced()
-    results: list[FrameResult | None] = [None] * len(trackers)
+    plans: list[_Plan | None] = []
+    for tr in trackers:
+        held = frame._ahead.pop(id(tr), None)
+        fits = held is not None and held[0] is tr and held[1].revision == tr.revision
+        plans.append(held[1] if fits else None)
+    fresh = [i for i, plan in enumerate(plans) if plan is None]
+    todo = [(trackers[i], arrived[i]) for i in fresh]
+    asked = {id(tr) for tr in trackers}
+    for tr in dict.fromkeys(ahead):
+        held = frame._ahead.get(id(tr))
+        fits = held is not None and held[1].revision == tr.revision
+        if id(tr) in asked or id(tr) in frame._stepped or not tr._referenced or fits:
+            continue
+        try:
+            todo.append((tr, tr._arrive(frame, None)))
+        except InputError:  # not a frame of its session (another image size): not ahead
+            continue
     with torch.inference_mode():
-        inputs = []
-        for tr, (_, _, reader) in zip(trackers, arrived, strict=True):
-            key = tr._frame_key()
-            image, query = frame.get(key)
-            if image is None:
-                image = reader.tensor(0, tr.geo, tr.device)
-            if query is None and tr.object_ids:
-                with tr.runtime.precision():
-                    query = tr.runtime.encode_query(image)
-            frame.put(key, image, query)
-            inputs.append((key, image, query))
-        groups: list[tuple[tuple, list[tuple[int, Read]]]] = []
-        for i, (tr, (t, _, _)) in enumerate(zip(trackers, arrived, strict=True)):
-            key, image, query = inputs[i]
-            n = tr._begin(t)
-            if n == 0:
-                results[i] = tr._segmented(t, image, tr._nothing(image))
-                continue
-            assert query is not None
-            read = tr._read(t, query)
-            sigma = None if read.prior is None else tr.motion_sigma
-            gaps = None if read.times is None else tuple(abs(t - s) for s in read.times)
-            like = (key, n, tr.policy.extra_slots(n), read.top_k, sigma, gaps)
-            for signature, members in groups:
-                if signature == like and _same_keys(members[0][1].keys, read.keys):
-                    members.append((i, read))
-                    break
-            else:
-                groups.append((like, [(i, read)]))
-        for _, members in groups:
-            index = [i for i, _ in members]
-            _, image, query = inputs[index[0]]  # one frame key per group: one image and query
-            reads = [r for _, r in members]
-            outs = _step_together([trackers[i] for i in index], reads, image, query)
-            for i, out in zip(index, outs, strict=True):
-                tr, (t, _, _) = trackers[i], arrived[i]
-                tr._observe(t, out)
-                results[i] = tr._segmented(t, inputs[i][1], out)
-    return [(r.labels, r.probs) for r in results if r is not None]
+        made = _plan(
+            [tr for tr, _ in todo], [a[0] for _, a in todo], [a[2] for _, a in todo], frame
+        )
+        for i, plan in zip(fresh, made, strict=False):
+            plans[i] = plan
+        for (tr, _), plan in list(zip(todo, made, strict=True))[len(fresh) :]:
+            frame._ahead[id(tr)] = (tr, plan)
+        results = []
+        for tr, plan in zip(trackers, plans, strict=True):
+            assert plan is not None
+            frame._stepped[id(tr)] = tr
+            tr._visit(plan.t)
+            if plan.segmented:
+                tr._observe(plan.t, plan.out)
+            results.append(tr._segmented(plan.t, plan.image, plan.out))
+    return [(r.labels, r.probs) for r in results]
+
+
+def _plan(
+    trackers: list[Tracker], times: list[int], readers: list[FrameReader], frame: SharedFrame
+) -> list[_Plan]:
+    """Each tracker's step on ``frame`` at its ``times``, not taken (see :func:`step_trackers`):
+    the frame encoded once per frame key, trackers that read alike in one network call."""
+    inputs = []
+    for tr, reader in zip(trackers, readers, strict=True):
+        key = tr._frame_key()
+        image, query = frame.get(key)
+        if image is None:
+            image = reader.tensor(0, tr.geo, tr.device)
+        if query is None and tr.object_ids:
+            with tr.runtime.precision():
+                query = tr.runtime.encode_query(image)
+        frame.put(key, image, query)
+        inputs.append((key, image, query))
+    plans: list[_Plan | None] = [None] * len(trackers)
+    groups: list[tuple[tuple, list[tuple[int, Read]]]] = []
+    for i, (tr, t) in enumerate(zip(trackers, times, strict=True)):
+        key, image, query = inputs[i]
+        tr._flush_pending()
+        n = len(tr.object_ids)
+        if n == 0:
+            plans[i] = _Plan(tr.revision, t, image, tr._nothing(image), segmented=False)
+            continue
+        assert query is not None
+        read = tr._read(t, query)
+        sigma = None if read.prior is None else tr.motion_sigma
+        gaps = None if read.times is None else tuple(abs(t - s) for s in read.times)
+        like = (key, n, tr.policy.extra_slots(n), read.top_k, sigma, gaps)
+        for signature, members in groups:
+            if signature == like and _same_keys(members[0][1].keys, read.keys):
+                members.append((i, read))
+                break
+        else:
+            groups.append((like, [(i, read)]))
+    for _, members in groups:
+        index = [i for i, _ in members]
+        _, image, query = inputs[index[0]]  # one frame key per group: one image and query
+        reads = [r for _, r in members]
+        outs = _step_together([trackers[i] for i in index], reads, image, query)
+        for i, out in zip(index, outs, strict=True):
+            plans[i] = _Plan(trackers[i].revision, times[i], inputs[i][1], out)
+    assert all(plan is not None for plan in plans)
+    return plans  # type: ignore[return-value]
 
 
 def _same_keys(a: Tensor, b: Tensor) -> bool:
