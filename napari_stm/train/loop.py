@@ -92,6 +92,8 @@ class TrainConfig:
     #: frame drawn log-uniformly in ``motion_sigma`` (a share of the crop's side)
     motion_probability: float = 0.0
     motion_sigma: tuple[float, float] = (0.05, 0.3)
+    #: the ImageNet EfficientNet-Lite the network is built on when no model is given
+    backbone: str = "lite0"
 
     def __post_init__(self) -> None:
         for name in ("iterations", "batch_size", "log_every", "save_every", "objects"):
@@ -206,7 +208,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         torch.manual_seed(config.seed)
         if model is None:
-            model = STMLite(pretrained=True)
+            model = STMLite(pretrained=True, backbone=config.backbone)
         self.model = model.to(self.device)
         if config.init:
             load_state_dict(self.model, read_state_dict(config.init), config.init)

@@ -189,6 +189,18 @@ register(
 )
 register(
     ModelSpec(
+        name="stm-lite2",
+        factory="napari_stm.core.stm_lite:stm_lite2",
+        description="stm-lite's design on an ImageNet EfficientNet-Lite2 (about 1.6x slower); no "
+        "weights are bundled: train them with `napari-stm train --backbone lite2` "
+        "(docs/training.md) and pass --weights",
+        weights_required=True,
+        weights_source="your own training run: `napari-stm train OUT --backbone lite2 ...` "
+        "(docs/training.md); the file is OUT/stm_lite.pth",
+    )
+)
+register(
+    ModelSpec(
         name="lite0-match",
         factory="napari_stm.core.lite0_match:Lite0Match",
         description="ImageNet EfficientNet-Lite0 features matched across frames; needs no "
