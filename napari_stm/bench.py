@@ -43,7 +43,7 @@ RESOLUTIONS = {
     "720p": (720, 1280),
     "1080p": (1080, 1920),
 }
-MODELS = ("stm-resnet50", "stm-lite", "lite0-match")
+MODELS = ("stm-resnet50", "stm-lite", "stm-lite2", "lite0-match")
 ROW_MARK = "BENCHROW "
 
 #: CSV columns, in order
@@ -300,7 +300,7 @@ def _default_device() -> str:
 
 def build_model(name: str, device: str, stm_weights: str | None = None) -> tuple[Any, str]:
     """The network to time and where its weights come from (random weights time the same)."""
-    from napari_stm.core.weights import load_model
+    from napari_stm.core.weights import get_spec, load_model
 
     if name == "stm-resnet50":
         if stm_weights is None:
@@ -314,6 +314,10 @@ def build_model(name: str, device: str, stm_weights: str | None = None) -> tuple
         # Its weights ship in the package: a load failure is a broken install, said as such
         # (timing a random network instead would hide it).
         return load_model(name, device=device, progress=False), "trained"
+    spec = get_spec(name)
+    if spec.weights_required and spec.weights is None:
+        # Nothing ships (stm-lite2: trained by the user): random weights time the same.
+        return spec.build().eval().requires_grad_(False).to(device), "random"
     model = load_model(name, device=device, progress=False)
     return model, "imagenet" if name == "lite0-match" else "default"
 

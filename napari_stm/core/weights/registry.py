@@ -191,9 +191,9 @@ register(
     ModelSpec(
         name="stm-lite2",
         factory="napari_stm.core.stm_lite:stm_lite2",
-        description="stm-lite's design on an ImageNet EfficientNet-Lite2 (about 1.6x slower); no "
-        "weights are bundled: train them with `napari-stm train --backbone lite2` "
-        "(docs/training.md) and pass --weights",
+        description="stm-lite's design on an ImageNet EfficientNet-Lite2 (about 1.35x the CPU "
+        "time a frame); no weights are bundled: train them with `napari-stm train --backbone "
+        "lite2` (docs/training.md) and pass --weights",
         weights_required=True,
         weights_source="your own training run: `napari-stm train OUT --backbone lite2 ...` "
         "(docs/training.md); the file is OUT/stm_lite.pth",
