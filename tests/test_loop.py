@@ -104,6 +104,32 @@ def test_propagating_only_the_affected_frames_gives_what_a_full_run_gives(tiny_m
         np.testing.assert_array_equal(full[t], expected, err_msg=f"frame {t}")
 
 
+def test_set_references_replaces_only_what_changed_and_says_when_all_is_out_of_date(
+    tiny_model, clip
+):
+    # What an adapter that keeps one propagator (the napari widget) hands it before each run.
+    video, gt = clip
+    prop, _ = propagate(tiny_model, video, {0: gt[0], 5: gt[5], 12: gt[12]}, direction="both")
+    kept = dict(prop._states)
+    assert sorted(kept) == [5, 12]
+    assert prop.set_references({0: gt[0], 5: gt[5].copy(), 12: gt[12], 9: gt[9]})
+    assert sorted(prop.references) == [0, 5, 9, 12]
+    # Reference 9 changes what the forward side knows on reaching 12, not on reaching 5.
+    assert list(prop._states) == [5] and prop._states[5] is kept[5]
+    lo, hi = prop.affected(9)
+    part = {r.t: r.labels for r in prop.propagate("both", lo, hi)}
+    _, fresh = propagate(tiny_model, video, {t: gt[t] for t in (0, 5, 9, 12)}, direction="both")
+    full = {r.t: r.labels for r in fresh}
+    for t in range(lo, hi):
+        np.testing.assert_array_equal(part[t], full[t], err_msg=f"frame {t}")
+    assert prop.set_references({0: gt[0], 5: gt[5], 12: gt[12]})  # 9 removed
+    assert sorted(prop.references) == [0, 5, 12]
+    # A new object id: every frame computed before is out of date.
+    extra = gt[9].copy()
+    extra[:3, :3] = 7
+    assert not prop.set_references({0: gt[0], 5: gt[5], 9: extra, 12: gt[12]})
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
 def test_a_correct_reference_never_lowers_j_on_the_frames_it_reaches(seed):
     # The simulated annotator's promise: correcting the worst frame with its true mask does not

@@ -152,6 +152,24 @@ class Propagator:
         self._forget_states(t)
         self._geo = None
 
+    def set_references(self, references: dict[int, Any]) -> bool:
+        """Make the references exactly ``references`` (frame -> labels): only those added,
+        changed or gone are replaced, so what the propagator kept for the others (the forward
+        side's memory on reaching each, :meth:`affected`) stays, and propagating the frames a
+        change affects gives what a fresh run from all of them would.
+
+        Returns False when the object ids or the geometry changed: then every frame computed
+        before is out of date, not only those :meth:`affected` names (and the kept memories
+        are dropped)."""
+        before = (self.object_ids, self.geo) if self.references else None
+        for t in [t for t in self.references if t not in references]:
+            self.remove_reference(t)
+        for t, labels in references.items():
+            old = self.references.get(int(t))
+            if old is None or not np.array_equal(old, np.asarray(labels)):
+                self.add_reference(int(t), labels)
+        return before is None or before == (self.object_ids, self.geo)
+
     def _forget_states(self, t: int) -> None:
         # The forward side's memory on reaching reference r depends on every reference before r.
         self._states = {r: s for r, s in self._states.items() if r < t}

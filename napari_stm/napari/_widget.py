@@ -105,8 +105,25 @@ class Job:
     #: arrives was painted during the run and is left alone
     planned_hash: dict[int, str]
     total: int
-    #: the engine of the run, kept for "where from" questions about its frames
+    #: the engine of the run, kept for "where from" questions about its frames and for the
+    #: next run; set before the run when the widget's kept engine fits (:class:`Kept`)
     propagator: Propagator | None = None
+    #: what the kept engine must match to be used again
+    engine_key: tuple = ()
+
+
+@dataclass
+class Kept:
+    """The engine of the last run, used again by the next one when nothing but references
+    changed: it keeps the forward side's memory on reaching each reference, so a correction
+    recomputes only the frames it affects and they come out as a fresh run from every
+    reference would give them (core/propagator.py, ``Propagator.affected``)."""
+
+    #: (image layer, labels layer, sequence, model, settings) it was made for
+    key: tuple
+    propagator: Propagator
+    #: the image data it reads: a layer whose data was replaced is another video
+    data: Any
 
 
 @dataclass
@@ -276,6 +293,7 @@ class PropagateWidget(Container):
         self._started = 0.0
         #: (sequence, engine, view) of the last run, which "where from" asks
         self._engine: tuple[str, Propagator, SequenceView] | None = None
+        self._kept: Kept | None = None
         self._explaining: Any = None
         self._error: str | None = None
         self._inbox: deque[tuple] = deque()
@@ -296,6 +314,7 @@ class PropagateWidget(Container):
         self._status_timer.setInterval(200)
         self._status_timer.timeout.connect(lambda: self._closed or self._update_status())
         viewer.dims.events.current_step.connect(self._on_step)
+        viewer.layers.events.removed.connect(self._on_layer_removed)
         self._labels_layer.changed.connect(self._watch_labels)
         self.native.destroyed.connect(self._on_destroyed)
         self.reset_choices()
@@ -426,6 +445,10 @@ class PropagateWidget(Container):
         if shown is None:
             return None
         image, labels, view = shown
+        if self.running:
+            # The run's engine is the one asked (kept between runs): not while it computes.
+            show_error("napari-stm: where from: wait until the run has finished")
+            return None
         engine = self._engine
         if engine is None or engine[0] != view.context_key():
             show_error("napari-stm: where from: propagate this sequence first")
@@ -439,12 +462,15 @@ class PropagateWidget(Container):
         worker = ask()
         worker.returned.connect(lambda e: self._show_explanation(e, run_view, labels))
         worker.errored.connect(lambda e: show_error(f"napari-stm: where from: {e}"))
+        worker.finished.connect(self._explained)
         self._explaining = worker
         worker.start()
         return worker
 
-    def _show_explanation(self, exp: Any, view: SequenceView, labels: Labels) -> None:
+    def _explained(self) -> None:
         self._explaining = None
+
+    def _show_explanation(self, exp: Any, view: SequenceView, labels: Labels) -> None:
         if self._closed:
             return
         # np.zeros: pages never written stay unallocated, so a long stack costs only the
@@ -506,6 +532,15 @@ class PropagateWidget(Container):
         self._watch_labels(None)
         with contextlib.suppress(TypeError, ValueError):
             self._viewer.dims.events.current_step.disconnect(self._on_step)
+        with contextlib.suppress(TypeError, ValueError):
+            self._viewer.layers.events.removed.disconnect(self._on_layer_removed)
+        self._kept = None
+
+    def _on_layer_removed(self, event: Any) -> None:
+        # The kept engine holds the image's data: let it go with the layer.
+        kept = self._kept
+        if kept is not None and id(event.value) in kept.key[:2]:
+            self._kept = None
 
     def _watch_labels(self, layer: Labels | None) -> None:
         """Follow painting on the chosen labels layer, so the status line stays true."""
@@ -621,9 +656,17 @@ class PropagateWidget(Container):
             **algorithm_settings(config),
         )
         start, stop = self._frame_range(image, view, direction)
-        plan = ledger_mod.plan_run(
-            infos, keys, ledger, direction, start, stop, Overwrite(self._overwrite.value), sig
-        )
+        data = image.data[0] if image.multiscale else image.data
+        overwrite = Overwrite(self._overwrite.value)
+        engine_key = (id(image), id(labels), view.context_key(), (name, weights, device), config)
+        kept = self._kept_engine(engine_key, data)
+        if kept is not None:
+            painted = {t: frames[t] for t, f in enumerate(infos) if f.state is State.PAINTED}
+            if not kept.set_references(painted) and overwrite is Overwrite.OUTDATED:
+                # New object ids or another working size: the engine's every earlier result
+                # is out of date, not only what the changed references reach.
+                overwrite = Overwrite.ALL
+        plan = ledger_mod.plan_run(infos, keys, ledger, direction, start, stop, overwrite, sig)
         if not plan.write:
             show_info(f"napari-stm: nothing to do in frames {start}..{stop - 1}: {_explain(plan)}")
             self._update_status(infos)
@@ -640,7 +683,6 @@ class PropagateWidget(Container):
             ledger, sig, {keys[t]: infos[t].hash for t in plan.references}
         )
         self._pending_undo = UndoRecord(weakref.ref(labels), before)
-        data = image.data[0] if image.multiscale else image.data
         return Job(
             labels_layer=labels,
             view=view,
@@ -653,7 +695,21 @@ class PropagateWidget(Container):
             run_id=run_id,
             planned_hash={t: infos[t].hash for t in plan.write},
             total=sum(1 for a, b in plan.calls for t in range(a, b) if t not in references),
+            propagator=kept,
+            engine_key=engine_key,
         )
+
+    def _kept_engine(self, key: tuple, data: Any) -> Propagator | None:
+        """The last run's engine when it was made for these layers, sequence, model and
+        settings and reads the same image data; otherwise it is dropped."""
+        kept = self._kept
+        if kept is None:
+            return None
+        if kept.key != key or kept.data is not data or self._explaining is not None:
+            # (A "where from" question still being answered reads it: not changed under it.)
+            self._kept = None
+            return None
+        return kept.propagator
 
     # -- running ------------------------------------------------------------------------------
     def _get_model(self, key: tuple[str, str, str]) -> VOSNetwork:
@@ -797,6 +853,12 @@ class PropagateWidget(Container):
         self._progress.visible = self._eta.visible = False
         if job is not None and job.propagator is not None:
             self._engine = (job.view.context_key(), job.propagator, job.view)
+            # After an error the engine may be half-way through a pass: not kept.
+            self._kept = (
+                Kept(job.engine_key, job.propagator, job.frames.data)
+                if self._error is None
+                else None
+            )
         if job is not None and self.last_written:
             job.labels_layer.refresh()  # the thumbnail and any frame not refreshed on the way
         rec, self._pending_undo = self._pending_undo, None
@@ -994,9 +1056,10 @@ def _propagate(
         model = get_model(job.model_key)
         if cancel.is_set():
             return
-        prop = Propagator(model, job.frames, job.config)
-        for t, labels in job.references.items():
-            prop.add_reference(t, labels)
+        prop = job.propagator
+        if prop is None:
+            prop = Propagator(model, job.frames, job.config)
+            prop.set_references(job.references)
         yield ("engine", prop)
         for start, stop in job.plan.calls:
             for res in prop.propagate(job.direction, start, stop, cancel=cancel):

@@ -14,6 +14,7 @@ import pytest
 
 from napari_stm.core.engine import PropagationConfig, Propagator
 from napari_stm.core.quality import frame_to_correct
+from napari_stm.core.tracker import Tracker
 from napari_stm.core.weights import default_model_name, load_model
 from napari_stm.napari import _widget
 from napari_stm.napari._ledger import METADATA_KEY
@@ -142,6 +143,57 @@ def test_correction_repropagates_only_what_it_affects_and_undo(make_napari_viewe
 
     widget.undo()
     np.testing.assert_array_equal(labels.data, corrected)
+
+
+def test_a_correction_recomputes_what_it_affects_as_a_fresh_run_would(
+    make_napari_viewer, qtbot, monkeypatch
+):
+    # The widget keeps its engine between runs, and with it the forward side's memory on
+    # reaching each reference: a correction's frames come out as a fresh run from every
+    # reference gives them, and only those frames are computed.
+    size = {"n_frames": 12}
+    viewer = _viewer_with_sample(make_napari_viewer, **size)
+    frames, gt = sample_ground_truth(**{**TINY, **size})
+    labels = viewer.layers["cells"]
+    labels.data[6] = gt[6]
+    widget = _add_widget(viewer)
+    steps = []
+    segment = Tracker.segment
+
+    def counted(self, t, image):
+        steps.append(t)
+        return segment(self, t, image)
+
+    monkeypatch.setattr(Tracker, "segment", counted)
+    _run(qtbot, widget)
+    assert widget.last_written == [1, 2, 3, 4, 5, 7, 8, 9, 10, 11]
+    engine = widget._kept.propagator
+
+    labels.data[9] = gt[9]  # the person corrects frame 9
+    steps.clear()
+    _run(qtbot, widget)
+    assert widget._kept.propagator is engine
+    assert widget.last_written == [7, 8, 10, 11]
+    # The stretch 6..9 from both sides (8, 7 backward; 7, 8 forward), then on from 9.
+    assert sorted(steps) == [7, 7, 8, 8, 10, 11]
+    refs = {0: gt[0], 6: gt[6], 9: gt[9]}
+    np.testing.assert_array_equal(labels.data, _engine_labels(frames, refs))
+
+    # A new object: the engine's ids change, so every earlier result is out of date.
+    new = gt[3].copy()
+    new[:5, :5] = 7
+    assert not gt[3][:5, :5].any()
+    labels.data[3] = new
+    _run(qtbot, widget)
+    assert widget.last_written == [1, 2, 4, 5, 7, 8, 10, 11]
+    refs[3] = new
+    np.testing.assert_array_equal(labels.data, _engine_labels(frames, refs))
+
+    # Other settings: another engine, and every frame again (the ledger's signature).
+    widget._mem_every.value = 2
+    _run(qtbot, widget)
+    assert widget._kept.propagator is not engine
+    assert widget.last_written == [1, 2, 4, 5, 7, 8, 10, 11]
 
 
 def test_frame_ranges(make_napari_viewer, qtbot):
