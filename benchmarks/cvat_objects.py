@@ -11,6 +11,11 @@ on/off compares one query encoding per request (what the handler does) with one 
 ``--path agent`` drives the cvat-sdk agent function (``cvat_function/agent.py``) as cvat-cli's
 agent does: ``preprocess_image`` once per request, then ``init_tracking_state`` or ``track``
 once per shape, in the request's order (``--shared`` does not apply there).
+
+``--tolerance`` also compares, over the same frames, the trackers stepped as both paths step
+them (shared network calls: ``step_trackers``, asked one at a time with the rest computed
+ahead, as the agent does) with each tracker stepped on its own (``Tracker.step``): the largest
+probability difference and the share of equal labels.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ def main() -> None:
     parser.add_argument("--shared", choices=["on", "off", "both"], default="both")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--path", nargs="+", choices=["nuclio", "agent"], default=["nuclio"])
+    parser.add_argument("--tolerance", action="store_true", help="batched against alone")
     args = parser.parse_args()
 
     import torch
@@ -59,11 +65,14 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|")
     base: dict[tuple, float] = {}
+    tolerances: list[tuple] = []
     for k in args.objects:
         video = SyntheticVideo(args.frames + 1, height, width, k, args.seed)
         labels = video.labels(0)
         shapes = [{"type": "mask", "points": encode_mask(labels == i)} for i in range(1, k + 1)]
         images = [_b64(video[t]) for t in range(args.frames + 1)]
+        if args.tolerance:
+            tolerances.append((k, *_tolerance(model, video, k, args.frames)))
         if "agent" in args.path:
             start, ms = _agent(model, images, shapes)
             _row(base, ("agent",), k, "yes", start, ms)
@@ -91,6 +100,36 @@ def main() -> None:
                 states = reply["states"]
             ms = 1000 * float(np.median(times))
             _row(base, ("nuclio", shared), k, "yes" if shared else "no", start, ms)
+    if tolerances:
+        print("\nshared network calls against each tracker alone, every tracker and frame:")
+        print("| objects | max abs prob diff | labels equal, mean % | lowest % |")
+        print("|---|---|---|---|")
+        for k, diff, mean, low in tolerances:
+            print(f"| {k} | {diff:.2g} | {mean:.4f} | {low:.4f} |")
+
+
+def _tolerance(model, video, k: int, frames: int) -> tuple[float, float, float]:
+    """Trackers stepped as the agent steps them against each on its own, over ``frames``."""
+    from napari_stm.core.engine import PropagationConfig, SharedFrame, Tracker, step_trackers
+
+    def start() -> list[Tracker]:
+        trackers = [Tracker(model, PropagationConfig(), keep_sources=False) for _ in range(k)]
+        frame = SharedFrame(video[0])
+        for i, tr in enumerate(trackers):
+            tr.step(frame, (video.labels(0) == i + 1).astype(np.uint8))
+        return trackers
+
+    alone, together = start(), start()
+    diff, equal = 0.0, []
+    for t in range(1, frames + 1):
+        frame = SharedFrame(video[t])
+        want = [tr.step(frame) for tr in alone]
+        frame = SharedFrame(video[t])
+        for tr, (wl, wp) in zip(together, want, strict=True):
+            ((gl, gp),) = step_trackers([tr], frame, ahead=together)
+            diff = max(diff, float(np.abs(wp - gp).max()))
+            equal.append(100 * float((wl == gl).mean()))
+    return diff, float(np.mean(equal)), min(equal)
 
 
 def _row(base: dict, path: tuple, k: int, shared: str, start: float, ms: float) -> None:

@@ -139,3 +139,19 @@ def test_objects_filling_the_frame_run_the_whole_frame_network(net, objects):
     else:  # the same read, its weights kept whole first: equal up to float rounding
         assert torch.equal(values, values_full)
         assert torch.allclose(probs, probs_full, atol=1e-5)
+
+
+def test_independent_objects_encode_as_each_alone(net):
+    # groups: the objects of independent trackers (CVAT's one-object trackers of one request)
+    # in one memory-encoder call; each sees no other object, as alone.
+    image, masks = _scene()
+    with torch.inference_mode():
+        alone = torch.cat([net.encode_memory(image, masks[k : k + 1]).values for k in range(3)])
+        apart = net.encode_memory(image, masks, groups=3).values  # windows: 3 small objects
+        assert torch.allclose(apart, alone, atol=1e-4, rtol=1e-4)
+        pairs = torch.cat([masks, masks.flip(0)])  # two trackers of three objects each
+        together = net.encode_memory(image, pairs, groups=2).values
+        assert torch.allclose(together[:3], net.encode_memory(image, masks).values, atol=1e-4)
+        assert torch.allclose(
+            together[3:], net.encode_memory(image, masks.flip(0)).values, atol=1e-4
+        )

@@ -113,6 +113,12 @@ def test_segment_shapes_and_bad_input():
     with torch.inference_mode():
         mem = net.encode_memory(image, masks)
         assert mem.keys.shape == (2, 128, 2, 3) and mem.values.shape == (2, 512, 2, 3)
+        # Two independent one-object trackers: each object encoded with no "others".
+        apart = net.encode_memory(image, masks, groups=2)
+        for k in range(2):
+            alone = net.encode_memory(image, masks[k : k + 1])
+            assert torch.equal(apart.keys[k : k + 1], alone.keys)
+            assert torch.equal(apart.values[k : k + 1], alone.values)
         query = net.encode_query(image)
         assert query.key.shape == (1, 128, 2, 3) and query.value.shape == (1, 512, 2, 3)
         # Two memory frames: positions concatenated along M.

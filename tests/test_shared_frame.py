@@ -69,17 +69,24 @@ def test_step_trackers_reads_and_decodes_once_and_equals_each_tracker_alone():
     together = _trackers(model, frames, labels, 3)
     calls: list = []
     _count_segments(together[0].runtime, calls)
+    runtime = together[0].runtime
+    encode = runtime.encode_memory
+    memorised: list = []
+    runtime.encode_memory = lambda *a, **kw: memorised.append(kw) or encode(*a, **kw)
     try:
         for t in range(1, 5):
             want = [tr.step(frames[t]) for tr in alone]
             calls.clear()
+            memorised.clear()
             got = step_trackers(together, SharedFrame(frames[t]))
             assert calls == [3]  # one network call, the three trackers' objects side by side
+            # the frame before written to the three memories by one memory-encoder call
+            assert memorised == ([] if t == 1 else [{"groups": 3}])
             for (wl, wp), (gl, gp) in zip(want, got, strict=True):
                 assert np.abs(wp - gp).max() < 1e-5
                 assert (wl == gl).mean() > 0.999
     finally:
-        del together[0].runtime.segment
+        del runtime.segment, runtime.encode_memory
     for a, b in zip(alone, together, strict=True):  # the states too
         assert a.bank.frames() == b.bank.frames() and a.steps == b.steps
         ka, va = a.bank.tensors(5)

@@ -45,8 +45,9 @@ class TinyMatch(VOSNetwork):
         return QueryFeatures(key=F.normalize(feats, dim=1))
 
     def encode_memory(
-        self, image: Tensor, masks: Tensor, query: QueryFeatures | None = None
+        self, image: Tensor, masks: Tensor, query: QueryFeatures | None = None, groups: int = 1
     ) -> MemoryEntry:
+        # ``groups``: each object's values are its own mask alone, whatever its group.
         key = query.key if query is not None else self.encode_query(image).key
         values = F.avg_pool2d(masks[:, None].to(key.dtype), STRIDE)
         return MemoryEntry(keys=key, values=values)

@@ -71,8 +71,9 @@ class Lite0Match(VOSNetwork):
         return QueryFeatures(key=key)
 
     def encode_memory(
-        self, image: Tensor, masks: Tensor, query: QueryFeatures | None = None
+        self, image: Tensor, masks: Tensor, query: QueryFeatures | None = None, groups: int = 1
     ) -> MemoryEntry:
+        # ``groups``: each object's values are its own mask alone, whatever its group.
         if masks.dim() != 3 or masks.shape[-2:] != image.shape[-2:]:
             raise ValueError(
                 f"masks must be [N, H, W] with the image's size {tuple(image.shape[-2:])}, "

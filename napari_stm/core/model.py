@@ -74,12 +74,15 @@ class VOSNetwork(nn.Module):
         raise NotImplementedError
 
     def encode_memory(
-        self, image: Tensor, masks: Tensor, query: QueryFeatures | None = None
+        self, image: Tensor, masks: Tensor, query: QueryFeatures | None = None, groups: int = 1
     ) -> MemoryEntry:
         """Encode a frame [1, 3, H, W] with per-object probabilities ``masks`` [N, H, W].
 
         ``query`` is that frame's own query features when the engine already computed them,
         so networks whose memory keys equal their query keys can skip the work.
+        ``groups`` > 1: the objects of that many independent trackers side by side, equally
+        many each (the trackers of one CVAT request): an object's "other objects" are those
+        of its own group only. Keys are then per object ([N, ...]) or shared ([1, ...]).
         """
         raise NotImplementedError
 

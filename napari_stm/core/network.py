@@ -170,7 +170,7 @@ class STM(VOSNetwork):
         return QueryFeatures(key=k4, value=v4, skips=(r3, r2))
 
     def encode_memory(
-        self, image: Tensor, masks: Tensor, query: QueryFeatures | None = None
+        self, image: Tensor, masks: Tensor, query: QueryFeatures | None = None, groups: int = 1
     ) -> MemoryEntry:
         # ``query`` is of no use here: the memory encoder sees the masks from its first layer.
         self._check_image(image)
@@ -178,6 +178,12 @@ class STM(VOSNetwork):
             raise ValueError(
                 f"masks must be [N >= 1, H, W] matching the image {tuple(image.shape[-2:])}, "
                 f"got {tuple(masks.shape)}"
+            )
+        if groups > 1:  # every object's own pass through the encoder already: no batch to gain
+            entries = [self.encode_memory(image, m) for m in masks.chunk(groups)]
+            return MemoryEntry(
+                keys=torch.cat([e.keys for e in entries]),
+                values=torch.cat([e.values for e in entries]),
             )
         masks = masks.to(image.dtype)
         n = masks.shape[0]

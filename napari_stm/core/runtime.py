@@ -85,8 +85,10 @@ class Runtime:
         return self._query(self._layout(image))
 
     def encode_memory(
-        self, image: Tensor, masks: Tensor, query: QueryFeatures | None = None
+        self, image: Tensor, masks: Tensor, query: QueryFeatures | None = None, groups: int = 1
     ) -> MemoryEntry:
+        if groups > 1:
+            return self._memory(self._layout(image), masks, query, groups=groups)
         return self._memory(self._layout(image), masks, query)
 
     def segment(

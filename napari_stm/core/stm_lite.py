@@ -315,7 +315,7 @@ class STMLite(VOSNetwork):
         )
 
     def encode_memory(
-        self, image: Tensor, masks: Tensor, query: QueryFeatures | None = None
+        self, image: Tensor, masks: Tensor, query: QueryFeatures | None = None, groups: int = 1
     ) -> MemoryEntry:
         batched = masks.dim() == 4
         if masks.dim() not in (3, 4) or masks.shape[-2:] != image.shape[-2:]:
@@ -330,7 +330,16 @@ class STMLite(VOSNetwork):
         if masks4.shape[0] != b:
             raise ValueError(f"masks for {masks4.shape[0]} frames, images for {b}")
         masks4 = masks4.to(query.key.dtype)
-        others = (masks4.sum(dim=1, keepdim=True) - masks4).clamp(0, 1)
+        if groups == 1:
+            others = (masks4.sum(dim=1, keepdim=True) - masks4).clamp(0, 1)
+        else:
+            if masks4.shape[1] % groups:
+                raise ValueError(f"{masks4.shape[1]} objects in {groups} equal groups")
+            each = masks4.unflatten(1, (groups, -1))
+            others = (each.sum(dim=2, keepdim=True) - each).clamp(0, 1).flatten(1, 2)
+        # Away from its mask an object's "others" are all its group's objects: with one object
+        # a group, nothing.
+        alone = groups > 1 and masks4.shape[1] == groups
         f8, _ = query.skips
         image, f16 = query.extra["image"], query.extra["f16"]
         plan = None
@@ -339,8 +348,10 @@ class STMLite(VOSNetwork):
             plan = crops.plan_crops(
                 cells, ENCODE_THRESHOLD, ENCODE_REACH, ENCODE_CONTEXT, self.crop_share
             )
-        if plan is not None and plan.cropped:
-            values = self._encode_cropped(image, masks4[0], others[0], f8, f16, plan)[None]
+        if plan is not None and plan.cropped and (groups == 1 or alone):
+            values = self._encode_cropped(
+                image, masks4[0], others[0], f8, f16, plan, outside_empty=alone
+            )[None]
         else:
             values = self.decoder.project(self.value_encoder(image, masks4, others, f8, f16))
         return MemoryEntry(keys=query.key, values=values if batched else values[0])
@@ -469,16 +480,20 @@ class STMLite(VOSNetwork):
         f8: Tensor,
         f16: Tensor,
         plan: crops.CropPlan,
+        outside_empty: bool = False,
     ) -> Tensor:
         """Projected values [N, Cv', h, w] of one frame (masks, others [N, H, W]), per object
         on its window.
 
         Away from its mask an object's values are those of an empty mask with every object as
-        "others": the same for all objects, so they are encoded once (the background) and each
-        object's window is pasted over them.
+        "others" (``outside_empty``: with no others, objects of independent one-object
+        trackers): the same for all objects, so they are encoded once (the background) and
+        each object's window is pasted over them.
         """
         enc, project = self.value_encoder, self.decoder.project
         union = masks.sum(dim=0, keepdim=True).clamp(0, 1)[None]  # [1, 1, H, W]
+        if outside_empty:
+            union = torch.zeros_like(union)
         stem = enc.stem_image(image)  # the frame's part, once: windows are cut from it
         background = project(enc(image, torch.zeros_like(union), union, f8, f16, stem))[0, 0]
         out = background.expand(masks.shape[0], -1, -1, -1).clone()

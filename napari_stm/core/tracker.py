@@ -572,13 +572,15 @@ class Tracker:
         for old in [s for s in self._sources if s not in live]:
             del self._sources[old]
 
-    def _flush_pending(self) -> None:
+    def _flush_pending(self, entry: MemoryEntry | None = None) -> None:
+        """Write the frame waiting to enter memory (``entry``: already encoded)."""
         if self._pending is None:
             return
         t, image, probs, query, keep = self._pending
         self._pending = None
-        with self.runtime.precision():
-            entry = self.runtime.encode_memory(image, probs, query)
+        if entry is None:
+            with self.runtime.precision():
+                entry = self.runtime.encode_memory(image, probs, query)
         self.bank.add(t, entry, "previous")
         if keep:
             self.bank.promote_previous(self.policy.kept_kind)
@@ -675,6 +677,7 @@ def _plan(
                 query = tr.runtime.encode_query(image)
         frame.put(key, image, query)
         inputs.append((key, image, query))
+    _flush_together(trackers)
     plans: list[_Plan | None] = [None] * len(trackers)
     groups: list[tuple[tuple, list[tuple[int, Read]]]] = []
     for i, (tr, t) in enumerate(zip(trackers, times, strict=True)):
@@ -704,6 +707,35 @@ def _plan(
             plans[i] = _Plan(trackers[i].revision, times[i], inputs[i][1], out)
     assert all(plan is not None for plan in plans)
     return plans  # type: ignore[return-value]
+
+
+def _flush_together(trackers: Sequence[Tracker]) -> None:
+    """Write each tracker's frame waiting to enter memory, as its next step would; those made
+    from one frame (one image and query, as the trackers of one request) with equally many
+    objects in ONE memory-encoder call (``encode_memory(..., groups=K)``: each tracker's
+    objects see only each other)."""
+    batches: dict[tuple, list[Tracker]] = {}
+    for tr in trackers:
+        if tr._pending is None:
+            continue
+        _, image, probs, query, _ = tr._pending
+        like = (id(tr.runtime), id(image), id(query), query is None, probs.shape)
+        batches.setdefault(like, []).append(tr)
+    for members in batches.values():
+        if len(members) == 1:
+            continue  # its own step writes it, as ever
+        first = members[0]
+        assert first._pending is not None
+        _, image, _, query, _ = first._pending
+        probs = torch.cat([tr._pending[2] for tr in members if tr._pending is not None])
+        with first.runtime.precision():
+            entry = first.runtime.encode_memory(image, probs, query, groups=len(members))
+        n = len(probs) // len(members)
+        per_object = entry.keys.shape[0] == len(probs)
+        for k, tr in enumerate(members):
+            own = slice(k * n, (k + 1) * n)
+            keys = entry.keys[own] if per_object else entry.keys
+            tr._flush_pending(MemoryEntry(keys=keys, values=entry.values[own]))
 
 
 def _same_keys(a: Tensor, b: Tensor) -> bool:
