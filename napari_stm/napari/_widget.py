@@ -37,6 +37,7 @@ from napari.qt.threading import thread_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QSizePolicy
 
 from napari_stm.core.config import Direction, algorithm_settings
 from napari_stm.core.engine import PropagationConfig, Propagator
@@ -234,6 +235,10 @@ class PropagateWidget(Container):
             "as layers ('where from' heat maps, the pixel as a point).",
         )
         self._where_text = Label(value="", visible=False)
+        for line in (self._unsure_text, self._where_text):
+            # Wrapped: a long line (ten lost objects) would widen the dock over the canvas.
+            line.native.setWordWrap(True)
+            line.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self._strip = ConfidenceStrip()
         self._scores: dict[str, Scores] = {}
         buttons = Container(

@@ -615,6 +615,10 @@ def test_confidence_strip_fills_and_u_goes_to_the_frame_to_correct(make_napari_v
     scores.references.discard(5)
     scores.confidence[3][ids[-1]] = 0.05
     scores.flags[3] = {ids[-1]: "lost"}
+    # A long line (many lost objects) wraps instead of widening the dock over the canvas.
+    width = widget.native.minimumSizeHint().width()
+    widget._unsure_text.value = ", ".join(f"object {i} lost (confidence 0.00)" for i in range(20))
+    assert widget.native.minimumSizeHint().width() == width
     # Hovering the strip names the frame and object of a cell (its rows carry no names).
     strip = widget._strip
     w, h, rows = strip.width(), strip.height(), len(ids)
