@@ -126,7 +126,8 @@ def _tolerance(model, video, k: int, frames: int) -> tuple[float, float, float]:
         want = [tr.step(frame) for tr in alone]
         frame = SharedFrame(video[t])
         for tr, (wl, wp) in zip(together, want, strict=True):
-            ((gl, gp),) = step_trackers([tr], frame, ahead=together)
+            (got,) = step_trackers([tr], frame, ahead=together)
+            gl, gp = got.labels, got.probs
             diff = max(diff, float(np.abs(wp - gp).max()))
             equal.append(100 * float((wl == gl).mean()))
     return diff, float(np.mean(equal)), min(equal)

@@ -134,7 +134,7 @@ def follow(
         raw = frame.frame if isinstance(frame, SharedFrame) else frame
         return [tracker.step(raw)[0] == OBJECT_ID for tracker in trackers]
     assert isinstance(frame, SharedFrame)
-    return [labels == OBJECT_ID for labels, _ in step_trackers(trackers, frame, ahead)]
+    return [r.labels == OBJECT_ID for r in step_trackers(trackers, frame, ahead)]
 
 
 def shape_out(shape_type: str, mask: np.ndarray) -> dict | None:

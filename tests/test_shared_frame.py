@@ -52,6 +52,10 @@ def _trackers(model, frames, labels, k: int, config=CPU) -> list[Tracker]:
     return trackers
 
 
+def _pairs(results) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(r.labels, r.probs) for r in results]
+
+
 def _count_segments(runtime, calls: list) -> None:
     segment = runtime.segment
 
@@ -78,7 +82,7 @@ def test_step_trackers_reads_and_decodes_once_and_equals_each_tracker_alone():
             want = [tr.step(frames[t]) for tr in alone]
             calls.clear()
             memorised.clear()
-            got = step_trackers(together, SharedFrame(frames[t]))
+            got = _pairs(step_trackers(together, SharedFrame(frames[t])))
             assert calls == [3]  # one network call, the three trackers' objects side by side
             # the frame before written to the three memories by one memory-encoder call
             assert memorised == ([] if t == 1 else [{"groups": 3}])
@@ -101,7 +105,7 @@ def test_step_trackers_with_one_tracker_is_its_step_bit_for_bit():
     (together,) = _trackers(model, frames, labels, 1)
     for t in range(1, 3):
         wl, wp = alone.step(frames[t])
-        ((gl, gp),) = step_trackers([together], SharedFrame(frames[t]))
+        ((gl, gp),) = _pairs(step_trackers([together], SharedFrame(frames[t])))
         assert np.array_equal(wl, gl) and np.array_equal(wp, gp)
 
 
@@ -120,7 +124,7 @@ def test_step_trackers_keeps_trackers_with_other_memories_apart():
     calls: list = []
     _count_segments(late.runtime, calls)
     try:
-        got = step_trackers([*early, late], SharedFrame(frames[2]))
+        got = _pairs(step_trackers([*early, late], SharedFrame(frames[2])))
     finally:
         del late.runtime.segment
     assert sorted(calls) == [1, 2]
@@ -167,9 +171,9 @@ def test_steps_computed_ahead_are_taken_and_leave_unasked_trackers_as_they_were(
         want = [alone[0].step(frames[1]), alone[2].step(frames[1])]
         shared = SharedFrame(frames[1])
         calls.clear()
-        (got0,) = step_trackers([together[0]], shared, ahead=together)
+        (got0,) = _pairs(step_trackers([together[0]], shared, ahead=together))
         assert calls == [3] and shared.ahead == 2
-        (got2,) = step_trackers([together[2]], shared, ahead=together)
+        (got2,) = _pairs(step_trackers([together[2]], shared, ahead=together))
         assert calls == [3] and shared.ahead == 1
         same(want[0], got0)
         same(want[1], got2)
@@ -177,7 +181,7 @@ def test_steps_computed_ahead_are_taken_and_leave_unasked_trackers_as_they_were(
         # Frame 2: all three; tracker 1 reads as one that never saw frame 1, apart from the rest.
         want = [a.step(frames[2]) for a in alone]
         calls.clear()
-        got = step_trackers(together, SharedFrame(frames[2]))
+        got = _pairs(step_trackers(together, SharedFrame(frames[2])))
         assert sorted(calls) == [1, 2]
         for w, g in zip(want, got, strict=True):
             same(w, g)
@@ -185,7 +189,7 @@ def test_steps_computed_ahead_are_taken_and_leave_unasked_trackers_as_they_were(
         shared = SharedFrame(frames[3])
         step_trackers([together[0]], shared, ahead=together[1:])
         together[1].step(frames[3])
-        (got,) = step_trackers([together[1]], shared)
+        (got,) = _pairs(step_trackers([together[1]], shared))
         alone[1].step(frames[3])
         same(alone[1].step(frames[3]), got)
     finally:

@@ -600,9 +600,10 @@ class _Plan:
 
 def step_trackers(
     trackers: Sequence[Tracker], frame: SharedFrame, ahead: Iterable[Tracker] = ()
-) -> list[tuple[np.ndarray, np.ndarray]]:
+) -> list[FrameResult]:
     """Segment ``frame`` with every tracker: ``[tr.step(frame) for tr in trackers]`` (the
-    objects of one CVAT request, one tracker each), with the network calls shared.
+    objects of one CVAT request, one tracker each), with the network calls shared; each
+    result's probabilities are resized to the frame on first access only (CVAT wants labels).
 
     The frame is encoded once per runtime, geometry and intensity range (as through
     :class:`SharedFrame`). Trackers that then read their memory alike (the same memory keys,
@@ -658,7 +659,7 @@ def step_trackers(
             if plan.segmented:
                 tr._observe(plan.t, plan.out)
             results.append(tr._segmented(plan.t, plan.image, plan.out))
-    return [(r.labels, r.probs) for r in results]
+    return results
 
 
 def _plan(
