@@ -54,7 +54,7 @@ from cvat_function.sessions import (
     make_store,
 )
 from cvat_function.shapes import TRACKER_TYPES, ShapeError, ShapeTooLarge
-from napari_stm.core.engine import PropagationConfig, SharedFrame
+from napari_stm.core.engine import PropagationConfig, SharedFrame, flush_trackers
 from napari_stm.core.errors import InputError
 from napari_stm.core.model import VOSNetwork
 
@@ -298,6 +298,10 @@ class ModelHandler:
             for i, mask in zip(followed, masks, strict=True):
                 shape = tracking.shape_out(ops[i].shape_type, mask)
                 shapes[i] = shape["points"] if shape is not None and ops[i].bare else shape
+            if not isinstance(self.store, MemorySessionStore):
+                # Saving writes each tracker's memory (state_dict): the frame they all just
+                # memorise is encoded for all of them in one call first.
+                _engine(flush_trackers, trackers)
             for op in ops:
                 if op.kind != "start":
                     assert op.session is not None and op.session_id is not None

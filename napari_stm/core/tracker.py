@@ -678,7 +678,7 @@ def _plan(
                 query = tr.runtime.encode_query(image)
         frame.put(key, image, query)
         inputs.append((key, image, query))
-    _flush_together(trackers)
+    flush_trackers(trackers)
     plans: list[_Plan | None] = [None] * len(trackers)
     groups: list[tuple[tuple, list[tuple[int, Read]]]] = []
     for i, (tr, t) in enumerate(zip(trackers, times, strict=True)):
@@ -710,11 +710,11 @@ def _plan(
     return plans  # type: ignore[return-value]
 
 
-def _flush_together(trackers: Sequence[Tracker]) -> None:
-    """Write each tracker's frame waiting to enter memory, as its next step would; those made
-    from one frame (one image and query, as the trackers of one request) with equally many
-    objects in ONE memory-encoder call (``encode_memory(..., groups=K)``: each tracker's
-    objects see only each other)."""
+def flush_trackers(trackers: Sequence[Tracker]) -> None:
+    """Write each tracker's frame waiting to enter memory, as its next step (or
+    :meth:`Tracker.state_dict`) would; those made from one frame (one image and query, as the
+    trackers of one request) with equally many objects in ONE memory-encoder call
+    (``encode_memory(..., groups=K)``: each tracker's objects see only each other)."""
     batches: dict[tuple, list[Tracker]] = {}
     for tr in trackers:
         if tr._pending is None:

@@ -25,6 +25,7 @@ from cvat_function.sessions import (
     make_store,
 )
 from napari_stm.core.engine import PropagationConfig, Tracker
+from napari_stm.core.runtime import prepare
 
 
 @pytest.fixture(scope="module")
@@ -276,3 +277,37 @@ def test_a_box_seeds_the_object_inside_it():
     assert np.array_equal(box_seeded_mask(image, box), seeded)  # seeded: the same every time
     whole = np.ones((120, 160), bool)
     assert box_seeded_mask(image, whole).sum() > 0
+
+
+def test_redis_sessions_memorise_a_request_in_one_encoder_call(model, clip, redis_server):
+    host, port = redis_server
+    settings = StoreSettings(redis_host=host, redis_port=port)
+    cfg = PropagationConfig()
+    redis_handler = ModelHandler(model, cfg, make_store(settings, model, cfg))
+    memory_handler = ModelHandler(model, cfg, MemorySessionStore())
+    frames, labels = clip
+    shapes = [
+        {"type": "mask", "points": encode_mask(labels[0] == i)} for i in (1, 2, 1)
+    ]  # three sessions
+    runtime = prepare(model, cfg)
+    encode = runtime.encode_memory
+    calls: list = []
+    runtime.encode_memory = lambda *a, **kw: calls.append(kw) or encode(*a, **kw)
+    try:
+        replies = [
+            h.handle({"image": b64png(frames[0]), "shapes": shapes})[1]
+            for h in (redis_handler, memory_handler)
+        ]
+        for t in (1, 2):
+            calls.clear()
+            got = []
+            for k, h in enumerate((redis_handler, memory_handler)):
+                body = {"image": b64png(frames[t]), "states": replies[k]["states"]}
+                status, replies[k] = h.handle(body)
+                assert status == 200
+                got.append(replies[k]["shapes"])
+                if k == 0:  # saved to Redis: the three memories written by one call
+                    assert calls == [{"groups": 3}]
+            assert got[0] == got[1]  # the same masks as in-process sessions
+    finally:
+        del runtime.encode_memory
