@@ -124,6 +124,12 @@ def test_set_references_replaces_only_what_changed_and_says_when_all_is_out_of_d
         np.testing.assert_array_equal(part[t], full[t], err_msg=f"frame {t}")
     assert prop.set_references({0: gt[0], 5: gt[5], 12: gt[12]})  # 9 removed
     assert sorted(prop.references) == [0, 5, 12]
+    # The propagator keeps its own copy: a caller painting on its array later (a napari
+    # layer) must show as a change, not change the kept reference unseen.
+    mine = gt[5].copy()
+    prop.add_reference(5, mine)
+    mine[:] = 0
+    np.testing.assert_array_equal(prop.references[5], gt[5])
     # A new object id: every frame computed before is out of date.
     extra = gt[9].copy()
     extra[:3, :3] = 7

@@ -141,7 +141,11 @@ class Propagator:
             raise InputError(
                 f"reference frame {t} is outside the video (frames 0..{len(self.reader) - 1})"
             )
-        self.references[int(t)] = check_labels(labels, self.reader.size, f"reference frame {t}")
+        lab = check_labels(labels, self.reader.size, f"reference frame {t}")
+        # Its own copy: a view of the caller's array (a napari layer painted on later) would
+        # change under the memories encoded from it, and set_references would see no change.
+        own = lab.flags.owndata and lab is not labels
+        self.references[int(t)] = lab if own else lab.copy()
         self._entries.pop(int(t), None)
         self._forget_states(int(t))
         self._geo = None

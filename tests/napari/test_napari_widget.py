@@ -179,6 +179,17 @@ def test_a_correction_recomputes_what_it_affects_as_a_fresh_run_would(
     refs = {0: gt[0], 6: gt[6], 9: gt[9]}
     np.testing.assert_array_equal(labels.data, _engine_labels(frames, refs))
 
+    # The correction corrected: painting on frame 9 again changes the engine's reference too
+    # (it keeps its own copy, not a view of the layer that would change under it unseen).
+    again = gt[9].copy()
+    again[again == again.max()] = 0
+    labels.data[9] = again
+    _run(qtbot, widget)
+    assert widget._kept.propagator is engine
+    assert widget.last_written == [7, 8, 10, 11]
+    refs[9] = again
+    np.testing.assert_array_equal(labels.data, _engine_labels(frames, refs))
+
     # A new object: the engine's ids change, so every earlier result is out of date.
     new = gt[3].copy()
     new[:5, :5] = 7
