@@ -66,13 +66,20 @@ def _count_segments(runtime, calls: list) -> None:
     runtime.segment = counted
 
 
-def test_step_trackers_reads_and_decodes_once_and_equals_each_tracker_alone():
+def _three_twice() -> tuple[np.ndarray, list[Tracker], list[Tracker], list]:
+    """A 5-frame clip's three objects started twice, one tracker each: a set to step alone and
+    a set to step together, whose network calls (objects per call) are counted in the list."""
     model = load_model("lite0-match", device="cpu")
     frames, labels = make_clip(5, 64, 96, n_objects=3, seed=2, occlusion=False)
     alone = _trackers(model, frames, labels, 3)
     together = _trackers(model, frames, labels, 3)
     calls: list = []
     _count_segments(together[0].runtime, calls)
+    return frames, alone, together, calls
+
+
+def test_step_trackers_reads_and_decodes_once_and_equals_each_tracker_alone():
+    frames, alone, together, calls = _three_twice()
     runtime = together[0].runtime
     encode = runtime.encode_memory
     memorised: list = []
@@ -154,12 +161,7 @@ def test_trackers_started_on_one_frame_encode_it_once():
 
 
 def test_steps_computed_ahead_are_taken_and_leave_unasked_trackers_as_they_were():
-    model = load_model("lite0-match", device="cpu")
-    frames, labels = make_clip(5, 64, 96, n_objects=3, seed=2, occlusion=False)
-    alone = _trackers(model, frames, labels, 3)
-    together = _trackers(model, frames, labels, 3)
-    calls: list = []
-    _count_segments(together[0].runtime, calls)
+    frames, alone, together, calls = _three_twice()
 
     def same(want, got):
         (wl, wp), (gl, gp) = want, got

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -58,26 +59,26 @@ class LiteVariant:
     #: ImageNet top-1 of the TF release, for the model card's comparisons
     imagenet_top1: float
 
-    @property
-    def feature_blocks(self) -> dict[int, int]:
-        """Index of the last block of each output scale {stride: block}."""
-        out: dict[int, int] = {}
+    @cached_property
+    def _scales(self) -> dict[int, tuple[int, int]]:
+        """{stride: (index of the scale's last block, its channels)} for strides 4..32."""
+        out: dict[int, tuple[int, int]] = {}
         stride, index = 2, -1
-        for repeats, _, s, _, _ in self.stages:
+        for repeats, _, s, _, cout in self.stages:
             stride *= s
             index += repeats
-            out[stride] = index
+            out[stride] = (index, cout)
         return {s: out[s] for s in (4, 8, 16, 32)}
 
-    @property
+    @cached_property
+    def feature_blocks(self) -> dict[int, int]:
+        """Index of the last block of each output scale {stride: block}."""
+        return {s: block for s, (block, _) in self._scales.items()}
+
+    @cached_property
     def feature_channels(self) -> dict[int, int]:
         """Channels of each output scale {stride: channels}."""
-        out: dict[int, int] = {}
-        stride = 2
-        for _, _, s, _, cout in self.stages:
-            stride *= s
-            out[stride] = cout
-        return {s: out[s] for s in (4, 8, 16, 32)}
+        return {s: channels for s, (_, channels) in self._scales.items()}
 
 
 #: EfficientNet-B0's widths and depths.

@@ -579,8 +579,7 @@ class Tracker:
         t, image, probs, query, keep = self._pending
         self._pending = None
         if entry is None:
-            with self.runtime.precision():
-                entry = self.runtime.encode_memory(image, probs, query)
+            entry = self._encode(image, probs, query)
         self.bank.add(t, entry, "previous")
         if keep:
             self.bank.promote_previous(self.policy.kept_kind)
@@ -674,9 +673,9 @@ def _plan(
         if image is None:
             image = reader.tensor(0, tr.geo, tr.device)
         if query is None and tr.object_ids:
-            with tr.runtime.precision():
-                query = tr.runtime.encode_query(image)
-        frame.put(key, image, query)
+            query = frame.query(key, image, tr.runtime)
+        else:
+            frame.put(key, image, query)
         inputs.append((key, image, query))
     flush_trackers(trackers)
     plans: list[_Plan | None] = [None] * len(trackers)
