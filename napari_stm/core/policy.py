@@ -7,7 +7,8 @@
   float32 as the paper's code did. Memory grows with the video.
 - ``bounded``: references are permanent; every ``mem_every``-th frame is written into a capped
   working memory only when its prediction is confident (errors written into memory spread),
-  which forgets its oldest entry first; the read takes the network's top-k and motion prior;
+  which forgets its oldest entry first; a frame where most objects vanished is not memorised
+  at all; the read takes the network's top-k and motion prior;
   under mixed precision the memory is stored in float16. Time and memory per frame stay flat.
 
 A policy is chosen by name (``PropagationConfig.memory``) from :data:`POLICIES`; nothing
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
 OFFICIAL_SLOTS = 11
 #: a pixel whose most likely class is below this probability counts as uncertain
 UNCERTAIN_BELOW = 0.75
+#: an object whose probability mass falls below this share of its mass on the references has
+#: vanished; a frame where most tracked objects vanished stays out of memory (see ``admits``)
+VANISHED_SHARE = 0.05
 
 
 def confidence(probs: Tensor) -> float:
@@ -91,6 +95,12 @@ class MemoryPolicy:
     def memorised(self, probs: Tensor, geo: Geometry | None) -> Tensor:
         """The object probabilities [N, Hp, Wp] a segmented frame is memorised with."""
         return probs[1:].contiguous()
+
+    def admits(self, probs: Tensor, reference_mass: Tensor) -> bool:
+        """Whether a segmented frame with class probabilities ``probs`` [N+1, H, W] enters
+        memory at all, even as the previous frame; ``reference_mass`` [N]: each object's
+        probability mass on its references at the same size (0: not tracked)."""
+        return True
 
     def _every(self, since: int) -> bool:
         return since % self.config.mem_every == 0
@@ -153,6 +163,20 @@ class BoundedPolicy(MemoryPolicy):
 
     def keep(self, since: int, probs: Tensor) -> bool:
         return self._every(since) and confidence(probs) >= self.config.confidence_gate
+
+    def admits(self, probs: Tensor, reference_mass: Tensor) -> bool:
+        # A frame where the object was lost (occluded, or missed) shows it, where visible, as
+        # background; memorised, it teaches every later read that the object's look is
+        # background, and the object never comes back (DAVIS soccerball: a ball lost behind
+        # a tree stayed lost for 27 frames in plain view). Left out, the reads keep the last
+        # frames that held the object and can find it again. With many objects, one lost
+        # cell must not freeze the memory of the others: most must have vanished.
+        tracked = reference_mass > 0
+        if not bool(tracked.any()):
+            return True
+        mass = probs[1:].sum((1, 2), dtype=torch.float32)
+        gone = tracked & (mass < VANISHED_SHARE * reference_mass)
+        return int(gone.sum()) * 2 <= int(tracked.sum())
 
 
 POLICIES: dict[str, type[MemoryPolicy]] = {p.name: p for p in (BoundedPolicy, OfficialPolicy)}

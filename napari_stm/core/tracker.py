@@ -194,6 +194,8 @@ class Tracker:
         self._referenced = False
         self.motion = MotionEstimate()
         self.lost = LostWatch()
+        #: each object's probability mass at network size on the references (the largest)
+        self._reference_mass: dict[int, float] = {}
 
     # -- saving -------------------------------------------------------------------------------
     #: version of :meth:`state_dict`'s layout (2: stm-lite's memory values are stored
@@ -223,6 +225,7 @@ class Tracker:
             "sources": [[t, img.cpu(), p.cpu()] for t, (img, p) in self._sources.items()],
             "bank": self.bank.state_dict(),
             "motion": self.motion.state_dict(),
+            "reference_mass": dict(self._reference_mass),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -246,6 +249,9 @@ class Tracker:
         self._pending = None
         self.revision += 1
         self.bank.load_state_dict(state["bank"], self.device)
+        # Absent from states saved before the vanish rule: such a session never leaves a frame out.
+        mass = state.get("reference_mass", {})
+        self._reference_mass = {int(i): float(m) for i, m in mass.items()}
         self.motion = MotionEstimate()
         if "motion" in state:  # absent from states saved before the motion prior
             self.motion.load_state_dict(state["motion"])
@@ -428,6 +434,9 @@ class Tracker:
         lab = torch.from_numpy(labels).to(self.device)
         probs = from_labels(lab, self.object_ids, self.geo)
         self.lost.see_reference(label_areas(labels, self.object_ids))
+        for i, m in zip(self.object_ids, probs.sum((1, 2)).tolist(), strict=True):
+            if m > 0:
+                self._reference_mass[i] = max(m, self._reference_mass.get(i, 0.0))
         if self.policy.measures_motion:
             self.motion.observe(t, probs, disjoint=self.many_objects)
         if entry is None:
@@ -484,6 +493,10 @@ class Tracker:
     ) -> None:
         """Offer segmented frame ``t`` to the memory (written lazily, before the next read)."""
         if not self.object_ids:
+            return
+        ref = torch.tensor([self._reference_mass.get(i, 0.0) for i in self.object_ids])
+        if not self.policy.admits(probs, ref.to(probs.device)):
+            self._pending = None  # the previous frame in memory stays the one before
             return
         keep = self.policy.keep(self.steps - 1, probs)
         self._pending = (t, image, self.policy.memorised(probs, self.geo), query, keep)
