@@ -37,14 +37,22 @@ FLAG_REFERENCE = "reference"
 SUGGEST_GAP = 2
 
 
-def object_confidence(probs: Tensor, top: tuple[Tensor, Tensor] | None = None) -> Tensor:
+def object_confidence(
+    probs: Tensor,
+    top: tuple[Tensor, Tensor] | None = None,
+    within: tuple[slice, slice] | None = None,
+) -> Tensor:
     """Expected Jaccard index of each object's mask, [N] float32 in [0, 1].
 
     ``probs`` [N+1, H, W]: background then objects (the soft-aggregated probabilities);
-    ``top``: ``probs.max(0)``'s values and indices when already known.
+    ``top``: ``probs.max(0)``'s values and indices when already known; ``within``: rows and
+    columns outside which every pixel is background (its class index 0), to count the masks
+    there only (the same sums: each object's pixels are added in the same order).
     """
     n1 = probs.shape[0]
     top, cls = probs.float().max(0) if top is None else top
+    if within is not None:
+        top, cls = top[within], cls[within]
     cls = cls.flatten()
     # Inside its own mask an object's probability is the top one, so the intersection of every
     # object is one weighted count of the labels.

@@ -327,12 +327,17 @@ def aggregate_probs(objects: Tensor, extra_slots: int = 0, eps: float = 1e-7) ->
     # In place in ``out``: a temporary of the maps' size costs as much as a pass over them.
     rest = out[..., 1:, :, :]
     torch.sub(objects.new_ones(()), objects, out=rest)  # 1 - p
-    out[..., 0, :, :] = rest.prod(dim=-3)
+    # One object (a batch of one-object trackers): the product and the sum over two maps
+    # written out, the same numbers; CPU reductions over a dimension this short are slow.
+    out[..., 0, :, :] = rest[..., 0, :, :] if n == 1 else rest.prod(dim=-3)
     # Odds q / (1 - q) of the clamped probabilities: 1 / (1 - q) - 1 for the objects.
     rest.clamp_(eps, 1 - eps).reciprocal_().sub_(1)
     background = out[..., 0, :, :].clamp_(eps, 1 - eps)
     background.div_(1 - background)
-    total = out.sum(dim=-3, keepdim=True)
+    if n == 1:
+        total = out[..., :1, :, :] + rest
+    else:
+        total = out.sum(dim=-3, keepdim=True)
     if extra_slots:
         total += extra_slots * (eps / (1 - eps))
     return out.div_(total)

@@ -330,16 +330,18 @@ class STMLite(VOSNetwork):
         if masks4.shape[0] != b:
             raise ValueError(f"masks for {masks4.shape[0]} frames, images for {b}")
         masks4 = masks4.to(query.key.dtype)
-        if groups == 1:
-            others = (masks4.sum(dim=1, keepdim=True) - masks4).clamp(0, 1)
-        else:
-            if masks4.shape[1] % groups:
-                raise ValueError(f"{masks4.shape[1]} objects in {groups} equal groups")
-            each = masks4.unflatten(1, (groups, -1))
-            others = (each.sum(dim=2, keepdim=True) - each).clamp(0, 1).flatten(1, 2)
+        if groups > 1 and masks4.shape[1] % groups:
+            raise ValueError(f"{masks4.shape[1]} objects in {groups} equal groups")
         # Away from its mask an object's "others" are all its group's objects: with one object
         # a group, nothing.
         alone = groups > 1 and masks4.shape[1] == groups
+        if groups == 1:
+            others = (masks4.sum(dim=1, keepdim=True) - masks4).clamp(0, 1)
+        elif alone:
+            others = torch.zeros_like(masks4)  # what the sum below gives, in one pass
+        else:
+            each = masks4.unflatten(1, (groups, -1))
+            others = (each.sum(dim=2, keepdim=True) - each).clamp(0, 1).flatten(1, 2)
         f8, _ = query.skips
         image, f16 = query.extra["image"], query.extra["f16"]
         plan = None

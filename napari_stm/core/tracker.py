@@ -27,9 +27,10 @@ from napari_stm.core.frames import (
     check_labels,
     crop_padding,
     fit_side,
+    foreground_box,
     from_network,
     label_dtype,
-    labels_from_network,
+    labels_window,
     object_diameters,
     to_network,
 )
@@ -147,12 +148,16 @@ def from_labels(labels: Tensor, ids: list[int], geo: Geometry | None) -> Tensor:
 
 
 def frame_confidence(
-    probs: Tensor, geo: Geometry, top: tuple[Tensor, Tensor] | None = None
+    probs: Tensor,
+    geo: Geometry,
+    top: tuple[Tensor, Tensor] | None = None,
+    within: tuple[slice, slice] | None = None,
 ) -> Tensor:
     """Each object's confidence [N] on a frame's network-size probabilities [N+1, Hp, Wp],
-    padding left out; ``top``: their ``max(0)`` (values, indices) when already known."""
+    padding left out; ``top``: their ``max(0)`` (values, indices) when already known;
+    ``within``: the unpadded part's :func:`~napari_stm.core.frames.foreground_box`."""
     inner = None if top is None else (crop_padding(top[0], geo), crop_padding(top[1], geo))
-    return object_confidence(crop_padding(probs, geo), inner)
+    return object_confidence(crop_padding(probs, geo), inner, within)
 
 
 class Tracker:
@@ -365,7 +370,12 @@ class Tracker:
     def _segmented(self, t: int, image: Tensor, out: StepOutput) -> FrameResult:
         """Offer a segmented streamed frame to the memory; its result."""
         self.remember(t, image, out.probs, out.query)
-        return self.result(t, out.probs, top=out.top() if self.many_objects else None)
+        return self.result(t, out.probs, top=out.top() if self._shortcuts(out) else None)
+
+    def _shortcuts(self, out: StepOutput) -> bool:
+        """Whether the frame takes the many-object shortcuts: this tracker's objects are many,
+        or the network call that computed ``out`` held many (:func:`step_trackers`)."""
+        return self.many_objects or out.many_objects
 
     def _frame_key(self) -> tuple:
         """What a frame's network input and query features depend on besides the frame."""
@@ -485,7 +495,7 @@ class Tracker:
         if self.policy.measures_motion:
             # After aggregation: one object's own map also lights up every look-alike, and its
             # centre then jumps to their mean (measured 0.15 of the frame on ctc-sim-01's nuclei).
-            top = out.top() if self.many_objects else None
+            top = out.top() if self._shortcuts(out) else None
             self.motion.observe(t, out.probs[1:], top=top)
 
     def remember(
@@ -510,26 +520,37 @@ class Tracker:
     ) -> FrameResult:
         """Frame ``t``'s labels and probabilities, and the confidence, area and flag of the
         objects ``tracked`` ([N] bool; default: those active in this pass). ``top``:
-        ``probs.max(0)``'s values and indices when already known (:meth:`StepOutput.top`)."""
+        ``probs.max(0)``'s values and indices when already known (:meth:`StepOutput.top`);
+        given, or with many objects, the labels come from the network size
+        (:data:`~napari_stm.core.step.MANY_OBJECTS`'s shortcuts)."""
         geo = self.geo
         assert geo is not None
         index = torch.uint8 if len(self.object_ids) < 256 else torch.int32
-        if self.many_objects:
+        box: tuple[slice, slice] | None = None
+        if self.many_objects or top is not None:
+            # The shortcuts (step.MANY_OBJECTS): labels from the network size, and only in
+            # the window holding the objects (a one-object tracker's: its object's box).
             if top is None:
                 top = probs.max(0)
                 top = (top.values, top.indices)
-            cls = labels_from_network(probs, self.geo, top[1]).to(index).cpu().numpy()
+            box = foreground_box(crop_padding(top[1], geo))
+            window, cls = labels_window(probs, geo, top[1], box)
         else:
-            full = from_network(probs[None], self.geo)[0]
+            full = from_network(probs[None], geo)[0]
             # max(0).indices, not argmax(0): the same first-maximum index, but argmax over a
             # short leading dimension took 80 ms of a 480p frame on CPU, max 7 ms.
-            cls = full.max(0).indices.to(index).cpu().numpy()
+            cls = full.max(0).indices
+            window = (slice(None), slice(None))
         lut = np.array([0, *self.object_ids], dtype=label_dtype(max(self.object_ids, default=0)))
-        labels = lut[cls]
+        inside = cls.to(index).cpu().numpy()
+        labels = np.zeros(geo.size, dtype=lut.dtype)
+        labels[window] = lut[inside]
         on = (self.active if tracked is None else tracked).tolist()
-        conf = frame_confidence(probs, geo, top).tolist()
+        conf = frame_confidence(probs, geo, top, box).tolist()
         confidence = {i: c for i, c, o in zip(self.object_ids, conf, on, strict=True) if o}
-        area = label_areas(labels, list(confidence))
+        # The label image's counts, from the window (outside it every pixel is background).
+        counts = np.bincount(inside.ravel(), minlength=len(self.object_ids) + 1)
+        area = {i: int(counts[k + 1]) for k, i in enumerate(self.object_ids) if i in confidence}
         # Held off the accelerator: a caller keeping every result must not fill GPU memory.
         return FrameResult(
             t, labels, False, probs.cpu(), self.geo, confidence, self.lost.flags(area), area
@@ -778,7 +799,17 @@ def _step_together(
     )
     if len(trackers) == 1:
         return [out]
+    # The class maximum of every tracker's maps in one pass (many objects: their labels,
+    # confidence and motion all start from it), each tracker's its slice.
+    top = out.top() if out.many_objects else None
     return [
-        StepOutput(None if out.logits is None else out.logits[k], out.probs[k], out.query, reads[k])
+        StepOutput(
+            None if out.logits is None else out.logits[k],
+            out.probs[k],
+            out.query,
+            reads[k],
+            None if top is None else (top[0][k], top[1][k]),
+            out.many_objects,
+        )
         for k in range(len(trackers))
     ]
