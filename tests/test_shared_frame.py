@@ -196,3 +196,30 @@ def test_steps_computed_ahead_are_taken_and_leave_unasked_trackers_as_they_were(
         same(alone[1].step(frames[3]), got)
     finally:
         del together[0].runtime.segment
+
+
+def test_a_large_cohort_goes_in_bounded_calls_and_equals_each_tracker_alone(monkeypatch):
+    from napari_stm.core import tracker as tracking
+
+    frames, alone, together, calls = _three_twice()
+    runtime = together[0].runtime
+    geo = together[0].geo
+    pixels = (geo.inner[0] + geo.pad[2] + geo.pad[3]) * (geo.inner[1] + geo.pad[0] + geo.pad[1])
+    monkeypatch.setattr(tracking, "CALL_ELEMENTS", 2 * pixels)  # two one-object trackers a call
+    encode = runtime.encode_memory
+    memorised: list = []
+    runtime.encode_memory = lambda *a, **kw: memorised.append(kw) or encode(*a, **kw)
+    try:
+        for t in range(1, 4):
+            want = [tr.step(frames[t]) for tr in alone]
+            calls.clear()
+            memorised.clear()
+            got = _pairs(step_trackers(together, SharedFrame(frames[t])))
+            assert calls == [2, 1]
+            # the frame before: two memories in one call, the third by its own step
+            assert memorised == ([] if t == 1 else [{"groups": 2}, {}])
+            for (wl, wp), (gl, gp) in zip(want, got, strict=True):
+                assert np.abs(wp - gp).max() < 1e-5
+                assert (wl == gl).mean() > 0.999
+    finally:
+        del runtime.segment, runtime.encode_memory

@@ -641,9 +641,10 @@ def step_trackers(
     The frame is encoded once per runtime, geometry and intensity range (as through
     :class:`SharedFrame`). Trackers that then read their memory alike (the same memory keys,
     read settings and motion prior, as the trackers of one request started on one frame do)
-    and hold equally many objects read and decode in ONE call of the one step function, their
-    objects side by side (a network with windows around small objects, stm-lite, then decodes
-    each only around itself); each tracker aggregates, memorises and reports its own objects.
+    and hold equally many objects read and decode in ONE call of the one step function (or in
+    as few as keep each within :data:`CALL_ELEMENTS`), their objects side by side (a network
+    with windows around small objects, stm-lite, then decodes each only around itself); each
+    tracker aggregates, memorises and reports its own objects.
     Each result equals the tracker's alone to float rounding, or, where the network's windows
     apply, within their tolerance (docs/performance.md). A tracker whose read matches no
     other's runs alone, exactly as :meth:`Tracker.step`.
@@ -732,13 +733,14 @@ def _plan(
                 break
         else:
             groups.append((like, [(i, read)]))
-    for _, members in groups:
-        index = [i for i, _ in members]
-        _, image, query = inputs[index[0]]  # one frame key per group: one image and query
-        reads = [r for _, r in members]
-        outs = _step_together([trackers[i] for i in index], reads, image, query)
-        for i, out in zip(index, outs, strict=True):
-            plans[i] = _Plan(trackers[i].revision, times[i], inputs[i][1], out)
+    for _, group in groups:
+        _, image, query = inputs[group[0][0]]  # one frame key per group: one image and query
+        for members in _chunks(group, len(trackers[group[0][0]].object_ids), image):
+            index = [i for i, _ in members]
+            reads = [r for _, r in members]
+            outs = _step_together([trackers[i] for i in index], reads, image, query)
+            for i, out in zip(index, outs, strict=True):
+                plans[i] = _Plan(trackers[i].revision, times[i], inputs[i][1], out)
     assert all(plan is not None for plan in plans)
     return plans  # type: ignore[return-value]
 
@@ -747,7 +749,8 @@ def flush_trackers(trackers: Sequence[Tracker]) -> None:
     """Write each tracker's frame waiting to enter memory, as its next step (or
     :meth:`Tracker.state_dict`) would; those made from one frame (one image and query, as the
     trackers of one request) with equally many objects in ONE memory-encoder call
-    (``encode_memory(..., groups=K)``: each tracker's objects see only each other)."""
+    (``encode_memory(..., groups=K)``: each tracker's objects see only each other), or in as
+    few as keep each within :data:`CALL_ELEMENTS`."""
     batches: dict[tuple, list[Tracker]] = {}
     for tr in trackers:
         if tr._pending is None:
@@ -755,7 +758,12 @@ def flush_trackers(trackers: Sequence[Tracker]) -> None:
         _, image, probs, query, _ = tr._pending
         like = (id(tr.runtime), id(image), id(query), query is None, probs.shape)
         batches.setdefault(like, []).append(tr)
-    for members in batches.values():
+    chunks = []
+    for batch in batches.values():
+        first = batch[0]
+        assert first._pending is not None
+        chunks += _chunks(batch, len(first._pending[2]), first._pending[1])
+    for members in chunks:
         if len(members) == 1:
             continue  # its own step writes it, as ever
         first = members[0]
@@ -770,6 +778,28 @@ def flush_trackers(trackers: Sequence[Tracker]) -> None:
             own = slice(k * n, (k + 1) * n)
             keys = entry.keys[own] if per_object else entry.keys
             tr._flush_pending(MemoryEntry(keys=keys, values=entry.values[own]))
+
+
+#: most per-object map elements (objects x network pixels) one shared network call holds: the
+#: trackers of a larger request go in several calls, so its memory stays bounded (each such
+#: float32 map at most 16 MB: 28 objects of a 480p frame at stm-lite's 512 x 288) and is
+#: reused between calls (a fresh allocation of a map costs about as much as a pass over it)
+CALL_ELEMENTS = 4 * 2**20
+
+
+def _chunks(members: list, objects: int, image: Tensor) -> list[list]:
+    """``members`` (trackers of ``objects`` objects each, or their entries) in as few nearly
+    equal runs as keep each network call within :data:`CALL_ELEMENTS`."""
+    pixels = image.shape[-2] * image.shape[-1]
+    most = max(1, CALL_ELEMENTS // max(1, objects * pixels))
+    parts = -(-len(members) // most)
+    size, extra = divmod(len(members), parts)
+    out, start = [], 0
+    for k in range(parts):
+        stop = start + size + (k < extra)
+        out.append(members[start:stop])
+        start = stop
+    return out
 
 
 def _same_keys(a: Tensor, b: Tensor) -> bool:
