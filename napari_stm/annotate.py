@@ -4,8 +4,9 @@ From the first frame's true mask, the video is propagated both ways; then, for K
 frame is picked, given its true mask as a reference (as a person correcting it would), and the
 frames that correction reaches are propagated again. Pickers:
 
-- ``tool``: the frame the engine is least sure of (lowest mean object confidence,
-  ``FrameResult.confidence``) among those at least two frames from every reference
+- ``tool``: the frame whose correction would reach the most unsureness (mean object
+  confidence, ``FrameResult.confidence``, of the frames around it that it would become the
+  nearest reference of), among those at least two frames from every reference
   (``core.quality.frame_to_correct``);
 - ``oracle``: the frame of lowest true J (what a person who checks every frame would fix);
 - ``even``: the frame farthest from every reference (the last frame, then the middle, ...).

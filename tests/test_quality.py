@@ -62,19 +62,29 @@ def test_label_areas_counts_every_asked_id():
     assert label_areas(lab, [1, 7, 9]) == {1: 2, 7: 3, 9: 0}
 
 
-def test_the_frame_to_correct_is_the_least_sure_away_from_every_reference():
+def test_the_frame_to_correct_is_the_middle_of_the_worst_unsure_run_away_from_every_reference():
     from napari_stm.core.quality import frame_to_correct
 
-    conf = {0: 1.0, 1: 0.2, 2: 0.5, 3: 0.6, 4: 0.3, 5: 1.0}
-    # frame 1 is the least sure, but it lies beside reference 0
-    assert frame_to_correct(conf, [0]) == 4
-    # beside references 0 and 5: 1 and 4; of the rest, 2
-    assert frame_to_correct(conf, [0, 5]) == 2
-    # every free frame beside a reference: the least sure of them
+    conf = dict.fromkeys(range(40), 0.95)
+    for t in range(20, 31):
+        conf[t] = 0.6  # a run of unsure frames
+    conf[9] = 0.3  # one frame less sure than any of them, among sure ones
+    conf[1] = 0.0  # the least sure of all, beside reference 0
+    # The run's middle: a correction there becomes the nearest reference of the whole run.
+    assert frame_to_correct(conf, [0]) == 25
+    # Then the run's halves (the right one first: it also reaches the sure frames no reference
+    # is near), and only then the lone unsure frame.
+    assert frame_to_correct(conf, [0, 25]) == 28
+    assert frame_to_correct(conf, [0, 25, 28]) == 22
+    assert frame_to_correct(conf, [0, 22, 25, 28]) == 9
+    # A frame beside a reference is never chosen while another is at least 2 frames away...
+    assert frame_to_correct({0: 1.0, 1: 0.0, 2: 0.9, 3: 0.9}, [0]) == 2
+    # ...only when every free frame is beside one
     assert frame_to_correct({0: 1.0, 1: 0.4, 2: 0.3, 3: 1.0}, [0, 3]) == 2
     assert frame_to_correct({0: 1.0, 1: 1.0}, [0, 1]) is None
-    # ties: the earliest
-    assert frame_to_correct({0: 1.0, 3: 0.5, 6: 0.5}, [0]) == 3
+    # ties: the earliest; frames not computed yet count as sure
+    assert frame_to_correct({0: 1.0, 10: 0.5, 20: 0.5}, [0, 30]) == 10
+    assert frame_to_correct({3: 0.5, 6: 0.9}, [0]) == 3
 
 
 def test_a_frames_confidence_for_the_picker_is_the_mean_over_its_objects():
