@@ -590,8 +590,9 @@ def test_confidence_strip_fills_and_u_goes_to_the_frame_to_correct(make_napari_v
     cells = scores.image()
     assert cells.shape == (len(ids), 8, 3)
     assert (cells[:, 0] == (70, 130, 230)).all()  # the painted frame
-    # The frame to correct next is the one `bench annotate --pickers tool` corrects: the least
-    # sure on average of the frames 2 or more from every painted frame (frame_to_correct).
+    # The frame to correct next is the one `bench annotate --pickers tool` corrects
+    # (frame_to_correct: of the frames 2 or more from every painted frame, the one with the most
+    # unsureness around it that it would be the nearest painted frame to).
     viewer.dims.set_current_step(0, 0)
     for t in range(1, 8):
         scores.confidence[t] = dict.fromkeys(ids, 0.9)
@@ -603,6 +604,7 @@ def test_confidence_strip_fills_and_u_goes_to_the_frame_to_correct(make_napari_v
     scores.flags[3] = {ids[-1]: "lost"}
     scores.confidence[3][ids[-1]] = 0.05
     scores.confidence[1] = dict.fromkeys(ids, 0.01)  # beside the painted frame 0
+    scores.confidence[2] = dict.fromkeys(ids, 0.99)  # frame 3's neighbour, sure
     means = {t: float(np.mean(list(scores.confidence[t].values()))) for t in range(1, 8)}
     assert frame_to_correct(means, {0}) == 5
     # The widget's line (not only a toast, gone in seconds) says where it went and why.
