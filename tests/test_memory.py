@@ -161,11 +161,16 @@ def _tracker(model: TinyMatch, **kw) -> tuple[Tracker, np.ndarray, np.ndarray]:
     return tr, frames, labels
 
 
+def _at_network(tr: Tracker, frame: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, ...]:
+    """A frame [1, 3, Hp, Wp] and its labels [Hp, Wp] as the tracker's network sees them."""
+    image = torch.from_numpy(frame / np.float32(255)).permute(2, 0, 1)[None]
+    image = torch.nn.functional.pad(image, tr.geo.pad)
+    return image, torch.nn.functional.pad(torch.from_numpy(labels).long(), tr.geo.pad)
+
+
 def test_confidence_gate_keeps_uncertain_frames_out(tiny_model):
     tr, frames, labels = _tracker(tiny_model, mem_every=1, confidence_gate=0.7)
-    image = torch.from_numpy(frames[1] / np.float32(255)).permute(2, 0, 1)[None]
-    image = torch.nn.functional.pad(image, tr.geo.pad)
-    lab = torch.nn.functional.pad(torch.from_numpy(labels[1]).long(), tr.geo.pad)
+    image, lab = _at_network(tr, frames[1], labels[1])
     certain = torch.stack([lab == k for k in (0, 1, 2)]).float()
     unsure = torch.full_like(certain, 1 / 3)
     assert confidence(certain) == 1.0 and confidence(unsure) == 0.0
@@ -267,18 +272,16 @@ def test_bounded_schedule_keeps_references_and_recent_frames(tiny_model):
 def test_a_frame_where_the_objects_vanished_stays_out_of_memory(tiny_model):
     # A lost object's frame shows it as background; memorised, later reads would learn that.
     tr, frames, labels = _tracker(tiny_model, mem_every=1, confidence_gate=0.0)
-    image = torch.from_numpy(frames[1] / np.float32(255)).permute(2, 0, 1)[None]
-    image = torch.nn.functional.pad(image, tr.geo.pad)
-    lab = torch.nn.functional.pad(torch.from_numpy(labels[1]).long(), tr.geo.pad)
+    image, lab = _at_network(tr, frames[1], labels[1])
     found = torch.stack([lab == k for k in (0, 1, 2)]).float()
     one_gone = torch.stack([(lab == 0) | (lab == 1), torch.zeros_like(lab), lab == 2]).float()
-    all_gone = torch.stack([torch.ones_like(lab), torch.zeros_like(lab), torch.zeros_like(lab)])
+    all_gone = torch.stack([lab >= 0, lab < 0, lab < 0]).float()  # background everywhere
     with torch.inference_mode():
         query = tr.segment(1, image).query
         tr.remember(1, image, found, query)
         tr.segment(2, image)
         assert tr.bank.frames("working") == [1]
-        tr.remember(2, image, all_gone.float(), query)
+        tr.remember(2, image, all_gone, query)
         tr.segment(3, image)
         # Neither kept nor the previous frame: the next read still sees frame 1 as the last.
         assert tr.bank.frames() == [0, 1] and tr.bank.frames("previous") == []
@@ -291,18 +294,15 @@ def test_a_frame_where_the_objects_vanished_stays_out_of_memory(tiny_model):
     again.load_state_dict(state)
     with torch.inference_mode():
         again.segment(4, image)
-        again.remember(4, image, all_gone.float(), query)
+        again.remember(4, image, all_gone, query)
         again.segment(5, image)
     assert again.bank.frames() == tr.bank.frames()
 
 
 def test_official_policy_memorises_frames_without_objects(tiny_model):
-    tr, frames, _ = _tracker(tiny_model, memory="official", mem_every=1)
-    image = torch.nn.functional.pad(
-        torch.from_numpy(frames[1] / np.float32(255)).permute(2, 0, 1)[None], tr.geo.pad
-    )
-    h, w = image.shape[-2:]
-    all_gone = torch.cat([torch.ones(1, h, w), torch.zeros(2, h, w)])
+    tr, frames, labels = _tracker(tiny_model, memory="official", mem_every=1)
+    image, lab = _at_network(tr, frames[1], labels[1])
+    all_gone = torch.stack([lab >= 0, lab < 0, lab < 0]).float()  # background everywhere
     with torch.inference_mode():
         query = tr.segment(1, image).query
         tr.remember(1, image, all_gone, query)

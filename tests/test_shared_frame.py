@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from napari_stm.core.engine import PropagationConfig, SharedFrame, Tracker, step_trackers
+from napari_stm.core.runtime import Runtime
 from napari_stm.core.weights import load_model
 from napari_stm.synthetic import make_clip
 
@@ -78,12 +79,26 @@ def _three_twice() -> tuple[np.ndarray, list[Tracker], list[Tracker], list]:
     return frames, alone, together, calls
 
 
-def test_step_trackers_reads_and_decodes_once_and_equals_each_tracker_alone():
-    frames, alone, together, calls = _three_twice()
-    runtime = together[0].runtime
+def _record_encodes(runtime: Runtime) -> list:
+    """Record the keyword arguments of each of ``runtime``'s memory-encoder calls (undone by
+    ``del runtime.encode_memory``)."""
     encode = runtime.encode_memory
     memorised: list = []
     runtime.encode_memory = lambda *a, **kw: memorised.append(kw) or encode(*a, **kw)
+    return memorised
+
+
+def _assert_as_alone(want: list, got: list) -> None:
+    """Trackers stepped together give each its (labels, probs) alone, to float rounding."""
+    for (wl, wp), (gl, gp) in zip(want, got, strict=True):
+        assert np.abs(wp - gp).max() < 1e-5
+        assert (wl == gl).mean() > 0.999
+
+
+def test_step_trackers_reads_and_decodes_once_and_equals_each_tracker_alone():
+    frames, alone, together, calls = _three_twice()
+    runtime = together[0].runtime
+    memorised = _record_encodes(runtime)
     try:
         for t in range(1, 5):
             want = [tr.step(frames[t]) for tr in alone]
@@ -93,9 +108,7 @@ def test_step_trackers_reads_and_decodes_once_and_equals_each_tracker_alone():
             assert calls == [3]  # one network call, the three trackers' objects side by side
             # the frame before written to the three memories by one memory-encoder call
             assert memorised == ([] if t == 1 else [{"groups": 3}])
-            for (wl, wp), (gl, gp) in zip(want, got, strict=True):
-                assert np.abs(wp - gp).max() < 1e-5
-                assert (wl == gl).mean() > 0.999
+            _assert_as_alone(want, got)
     finally:
         del runtime.segment, runtime.encode_memory
     for a, b in zip(alone, together, strict=True):  # the states too
@@ -206,9 +219,7 @@ def test_a_large_cohort_goes_in_bounded_calls_and_equals_each_tracker_alone(monk
     geo = together[0].geo
     pixels = (geo.inner[0] + geo.pad[2] + geo.pad[3]) * (geo.inner[1] + geo.pad[0] + geo.pad[1])
     monkeypatch.setattr(tracking, "CALL_ELEMENTS", 2 * pixels)  # two one-object trackers a call
-    encode = runtime.encode_memory
-    memorised: list = []
-    runtime.encode_memory = lambda *a, **kw: memorised.append(kw) or encode(*a, **kw)
+    memorised = _record_encodes(runtime)
     try:
         for t in range(1, 4):
             want = [tr.step(frames[t]) for tr in alone]
@@ -218,8 +229,6 @@ def test_a_large_cohort_goes_in_bounded_calls_and_equals_each_tracker_alone(monk
             assert calls == [2, 1]
             # the frame before: two memories in one call, the third by its own step
             assert memorised == ([] if t == 1 else [{"groups": 2}, {}])
-            for (wl, wp), (gl, gp) in zip(want, got, strict=True):
-                assert np.abs(wp - gp).max() < 1e-5
-                assert (wl == gl).mean() > 0.999
+            _assert_as_alone(want, got)
     finally:
         del runtime.segment, runtime.encode_memory
