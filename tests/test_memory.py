@@ -172,7 +172,10 @@ def test_confidence_gate_keeps_uncertain_frames_out(tiny_model):
     tr, frames, labels = _tracker(tiny_model, mem_every=1, confidence_gate=0.7)
     image, lab = _at_network(tr, frames[1], labels[1])
     certain = torch.stack([lab == k for k in (0, 1, 2)]).float()
-    unsure = torch.full_like(certain, 1 / 3)
+    # Unsure on the objects only (half object, half background): unsure over the whole frame
+    # would also spread each object's mass across it, which the spill rule keeps out anyway.
+    unsure = torch.stack([(lab == 0) + (lab > 0) / 2, (lab == 1) / 2, (lab == 2) / 2]).float()
+    assert torch.allclose(unsure.sum(0), torch.ones_like(unsure[0]))
     assert confidence(certain) == 1.0 and confidence(unsure) == 0.0
     with torch.inference_mode():
         query = tr.segment(1, image).query
@@ -297,6 +300,47 @@ def test_a_frame_where_the_objects_vanished_stays_out_of_memory(tiny_model):
         again.remember(4, image, all_gone, query)
         again.segment(5, image)
     assert again.bank.frames() == tr.bank.frames()
+
+
+def test_a_frame_where_the_objects_spilled_stays_out_of_memory(tiny_model):
+    # While an object hides its mask can spill onto the background; memorised, the background
+    # would become the object for every later read.
+    tr, frames, labels = _tracker(tiny_model, mem_every=1, confidence_gate=0.0)
+    image, lab = _at_network(tr, frames[1], labels[1])
+    bg, one, two = (lab == 0).float(), (lab == 1).float(), (lab == 2).float()
+    found = torch.stack([bg, one, two])
+    all_spilled = torch.stack([0 * bg, one + bg / 2, two + bg / 2])
+    one_spilled = torch.stack([0 * bg, one + bg, two])
+    area = found[1:].sum((1, 2))
+    assert bool((all_spilled[1:].sum((1, 2)) > 2 * area).all())  # each more than doubles
+    with torch.inference_mode():
+        query = tr.segment(1, image).query
+        tr.remember(1, image, found, query)
+        tr.segment(2, image)
+        tr.remember(2, image, all_spilled, query)
+        tr.segment(3, image)
+        assert tr.bank.frames() == [0, 1] and tr.bank.frames("previous") == []
+        tr.remember(3, image, one_spilled, query)  # one of two spilled: memorised
+        tr.segment(4, image)
+        assert tr.bank.frames("working") == [1, 3]
+        # Growth is measured from the last frame memorised: frame 3's object 1, so the same
+        # spill is no jump now, while object 2 growing 1.5x is within what objects do.
+        grown = torch.stack([0 * bg, one + bg, two * 1.5])
+        tr.remember(4, image, grown, query)
+        tr.segment(5, image)
+        assert tr.bank.frames("working") == [1, 3, 4]
+    # The rule survives a saved and loaded session.
+    again = Tracker(tiny_model, PropagationConfig(device="cpu", mem_every=1, confidence_gate=0.0))
+    again.load_state_dict(tr.state_dict())
+    with torch.inference_mode():
+        again.segment(5, image)
+        again.remember(5, image, torch.stack([0 * bg, one + bg, two * 4]), query)
+        again.segment(6, image)
+    assert again.bank.frames() == tr.bank.frames() + [5]  # one of two: memorised
+    with torch.inference_mode():
+        again.remember(6, image, torch.stack([0 * bg, (one + bg) * 3, two * 12]), query)
+        again.segment(7, image)
+    assert 6 not in again.bank.frames()
 
 
 def test_official_policy_memorises_frames_without_objects(tiny_model):

@@ -201,6 +201,8 @@ class Tracker:
         self.lost = LostWatch()
         #: each object's probability mass at network size on the references (the largest)
         self._reference_mass: dict[int, float] = {}
+        #: each object's probability mass on the last frame memorised (reference or segmented)
+        self._memorised_mass: dict[int, float] = {}
 
     # -- saving -------------------------------------------------------------------------------
     #: version of :meth:`state_dict`'s layout (2: stm-lite's memory values are stored
@@ -231,6 +233,7 @@ class Tracker:
             "bank": self.bank.state_dict(),
             "motion": self.motion.state_dict(),
             "reference_mass": dict(self._reference_mass),
+            "memorised_mass": dict(self._memorised_mass),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -257,6 +260,10 @@ class Tracker:
         # Absent from states saved before the vanish rule: such a session never leaves a frame out.
         mass = state.get("reference_mass", {})
         self._reference_mass = {int(i): float(m) for i, m in mass.items()}
+        # Absent from states saved before the spill rule: growth is then measured from the
+        # references' mass.
+        mass = state.get("memorised_mass", {})
+        self._memorised_mass = {int(i): float(m) for i, m in mass.items()}
         self.motion = MotionEstimate()
         if "motion" in state:  # absent from states saved before the motion prior
             self.motion.load_state_dict(state["motion"])
@@ -445,6 +452,7 @@ class Tracker:
         probs = from_labels(lab, self.object_ids, self.geo)
         self.lost.see_reference(label_areas(labels, self.object_ids))
         for i, m in zip(self.object_ids, probs.sum((1, 2)).tolist(), strict=True):
+            self._memorised_mass[i] = m
             if m > 0:
                 self._reference_mass[i] = max(m, self._reference_mass.get(i, 0.0))
         if self.policy.measures_motion:
@@ -504,10 +512,15 @@ class Tracker:
         """Offer segmented frame ``t`` to the memory (written lazily, before the next read)."""
         if not self.object_ids:
             return
-        ref = torch.tensor([self._reference_mass.get(i, 0.0) for i in self.object_ids])
-        if not self.policy.admits(probs, ref.to(probs.device)):
+        ids = self.object_ids
+        mass = probs[1:].sum((1, 2), dtype=torch.float32).cpu()
+        reference = [self._reference_mass.get(i, 0.0) for i in ids]
+        previous = [self._memorised_mass.get(i, r) for i, r in zip(ids, reference, strict=True)]
+        ref = torch.tensor(reference)
+        if not self.policy.admits(mass, ref, torch.tensor(previous)):
             self._pending = None  # the previous frame in memory stays the one before
             return
+        self._memorised_mass.update(zip(ids, mass.tolist(), strict=True))
         keep = self.policy.keep(self.steps - 1, probs)
         self._pending = (t, image, self.policy.memorised(probs, self.geo), query, keep)
 
