@@ -121,9 +121,15 @@ def mask_from_rle(points: Sequence[float], height: int, width: int) -> np.ndarra
 def rle_from_mask(mask: np.ndarray) -> list[float] | None:
     """CVAT mask ``points`` for a bool mask; None when the mask is empty."""
     mask = np.asarray(mask, dtype=bool)
-    if not mask.any():
+    # The box from row and column "any"s, handed to encode_mask: without one it takes the
+    # frame's nonzero() indices, 1.5 ms per 480p mask (0.15 s of a 100-shape request).
+    rows = np.flatnonzero(mask.any(axis=1))
+    if not rows.size:
         return None
-    return [int(v) for v in encode_mask(mask)]
+    top, bottom = int(rows[0]), int(rows[-1]) + 1
+    cols = np.flatnonzero(mask[top:bottom].any(axis=0))
+    box = [int(cols[0]), top, int(cols[-1]) + 1, bottom]
+    return [int(v) for v in encode_mask(mask, bbox=box)]
 
 
 def mask_from_polygon(

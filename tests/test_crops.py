@@ -155,3 +155,55 @@ def test_independent_objects_encode_as_each_alone(net):
         assert torch.allclose(
             together[3:], net.encode_memory(image, masks.flip(0)).values, atol=1e-4
         )
+
+
+def test_a_frames_own_maps_are_computed_once_across_calls(net):
+    # The decoder's skips and the value encoder's stem and empty background depend on the
+    # frame only: the calls of a large request on one frame (bounded calls, trackers whose
+    # reads differ) compute them once, kept on the query features, and get the same maps.
+    image0, masks0 = _scene()
+    image1, masks1 = _scene(offset=4)
+    ran: list[str] = []
+    modules = {
+        "skip8": net.decoder.RF3.convFS,
+        "skip4": net.decoder.RF2.convFS,
+        "stem": net.value_encoder.stem_image,
+        "values": net.value_encoder,
+    }
+    hooks = [
+        m.register_forward_hook(lambda *_, name=name: ran.append(name))
+        for name, m in modules.items()
+    ]
+    try:
+        with torch.inference_mode():
+            memory = net.encode_memory(image0, masks0)
+            keys, values = memory.keys.flatten(2), memory.values.flatten(2)
+            prior = motion_prior(torch.tensor([1]), (H // 16, W // 16), 0.05)
+            query = net.encode_query(image1)
+            ran.clear()
+            first = net.segment(query, keys, values, None, prior)
+            assert ran.count("skip8") == ran.count("skip4") == 1
+            ran.clear()
+            net.segment(query, keys, values[:2], None, prior)
+            assert "skip8" not in ran and "skip4" not in ran
+            fresh = net.segment(net.encode_query(image1), keys, values, None, prior)
+            assert torch.equal(first, fresh)
+
+            ran.clear()
+            apart = net.encode_memory(image1, masks1, query, groups=3).values
+            runs = ran.count("values")
+            assert ran.count("stem") == 1
+            ran.clear()
+            twice = net.encode_memory(image1, masks1, query, groups=3).values
+            assert "stem" not in ran and ran.count("values") == runs - 1  # no background
+            alone = net.encode_memory(image1, masks1, net.encode_query(image1), groups=3)
+            assert torch.equal(apart, twice) and torch.equal(apart, alone.values)
+        # Training differentiates every call: nothing is kept then.
+        memory = net.encode_memory(image0, masks0)
+        query = net.encode_query(image1)
+        kept = set(query.extra)
+        net.segment(query, memory.keys.flatten(2), memory.values.flatten(2), None, prior)
+        assert set(query.extra) == kept
+    finally:
+        for h in hooks:
+            h.remove()

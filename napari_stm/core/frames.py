@@ -143,7 +143,8 @@ def labels_window(
     box: tuple[slice, slice] | None = None,
 ) -> tuple[tuple[slice, slice], Tensor]:
     """:func:`labels_from_network` on the window of the user's frame that holds every object:
-    (its rows and columns, its classes int64); the rest of the frame is background exactly.
+    (its rows and columns, its classes in ``cls``'s dtype, int64 when not given); the rest of
+    the frame is background exactly.
 
     Bilinear resizing is linear: where one class is the most probable at all four network
     pixels a frame pixel is interpolated from, it is the most probable there too. Only the
@@ -189,7 +190,7 @@ def labels_window(
     b, a = lx[xs], ly[ys]
     # Three lerps over [C, K]: a third of the time of the ten products and sums written out.
     mixed_values = torch.lerp(torch.lerp(v[0], v[1], b), torch.lerp(v[2], v[3], b), a)
-    out[ys, xs] = mixed_values.max(0).indices
+    out[ys, xs] = mixed_values.max(0).indices.to(out.dtype)
     return window, out
 
 

@@ -65,14 +65,17 @@ class MotionEstimate:
         """
         n, h, w = probs.shape
         if (disjoint or top is not None) and n > 0:
-            if top is None:
-                value, owner = probs.max(0)
-            else:
-                value, owner = top[0], top[1] - 1
             # Where an object wins, not its probability everywhere: a faint 1e-3 over a large
             # frame outweighs a small object and would pull its centre towards the frame's.
-            ys, xs = ((value > 0.5) & (owner >= 0)).nonzero(as_tuple=True)
-            won = owner[ys, xs]
+            if top is None:
+                value, owner = probs.max(0)
+                ys, xs = (value > 0.5).nonzero(as_tuple=True)
+                won = owner[ys, xs]
+            else:
+                # Class indices (of any integer dtype) with the background 0: objects from 1.
+                value, cls = top
+                ys, xs = ((value > 0.5) & (cls > 0)).nonzero(as_tuple=True)
+                won = cls[ys, xs].long() - 1
             mass = torch.bincount(won, minlength=n).to(torch.float32)
             sums = [torch.bincount(won, weights=v.double(), minlength=n) for v in (ys, xs)]
             safe = mass.clamp(min=1e-6).double()

@@ -34,6 +34,7 @@ the engine's 3-D shapes this is exactly the :class:`VOSNetwork` contract.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -352,7 +353,7 @@ class STMLite(VOSNetwork):
             )
         if plan is not None and plan.cropped and (groups == 1 or alone):
             values = self._encode_cropped(
-                image, masks4[0], others[0], f8, f16, plan, outside_empty=alone
+                image, masks4[0], others[0], f8, f16, plan, outside_empty=alone, query=query
             )[None]
         else:
             values = self.decoder.project(self.value_encoder(image, masks4, others, f8, f16))
@@ -387,7 +388,8 @@ class STMLite(VOSNetwork):
         h, w = query.key.shape[-2:]
         reader, _ = self.read_query(query)
         f8, f4 = query.skips
-        skip8, skip4 = self.decoder.RF3.skip(f8), self.decoder.RF2.skip(f4)
+        skip8 = _per_frame(query, "skip8", lambda: self.decoder.RF3.skip(f8))
+        skip4 = _per_frame(query, "skip4", lambda: self.decoder.RF2.skip(f4))
         out = None
         if (
             self._crops_on(b)
@@ -453,7 +455,7 @@ class STMLite(VOSNetwork):
 
         if not plan.cropped:
             return dec(read(list(range(n))), f16, skip8, skip4, n)
-        frame = dec.frame(f16)
+        frame = _per_frame(query, "frame16", lambda: dec.frame(f16))
         bg_values = _background_values(values, (h, w))  # [Cv, M]
         background = (weights @ bg_values.T).T.reshape(1, cv, h, w).to(reader.dtype)
         refined = dec.objects(background, frame, skip8, skip4)
@@ -485,6 +487,7 @@ class STMLite(VOSNetwork):
         f16: Tensor,
         plan: crops.CropPlan,
         outside_empty: bool = False,
+        query: QueryFeatures | None = None,
     ) -> Tensor:
         """Projected values [N, Cv', h, w] of one frame (masks, others [N, H, W]), per object
         on its window.
@@ -492,14 +495,26 @@ class STMLite(VOSNetwork):
         Away from its mask an object's values are those of an empty mask with every object as
         "others" (``outside_empty``: with no others, objects of independent one-object
         trackers): the same for all objects, so they are encoded once (the background) and
-        each object's window is pasted over them.
+        each object's window is pasted over them. ``query``: the frame's query features, which
+        keep the frame's parts (the stem, and the empty background of ``outside_empty``) for
+        the frame's next calls (a large request's bounded calls).
         """
         enc, project = self.value_encoder, self.decoder.project
-        union = masks.sum(dim=0, keepdim=True).clamp(0, 1)[None]  # [1, 1, H, W]
+
+        def keep(name: str, make: Callable[[], Tensor]) -> Tensor:
+            return make() if query is None else _per_frame(query, name, make)
+
+        # the frame's part, once: windows are cut from it
+        stem = keep("value_stem", lambda: enc.stem_image(image))
+
+        def background_of(union: Tensor) -> Tensor:
+            return project(enc(image, torch.zeros_like(union), union, f8, f16, stem))[0, 0]
+
+        empty = masks.new_zeros((1, 1, *masks.shape[-2:]))
         if outside_empty:
-            union = torch.zeros_like(union)
-        stem = enc.stem_image(image)  # the frame's part, once: windows are cut from it
-        background = project(enc(image, torch.zeros_like(union), union, f8, f16, stem))[0, 0]
+            background = keep("value_background", lambda: background_of(empty))
+        else:
+            background = background_of(masks.sum(dim=0, keepdim=True).clamp(0, 1)[None])
         out = background.expand(masks.shape[0], -1, -1, -1).clone()
         if plan.full:
             idx = plan.full
@@ -531,6 +546,21 @@ class STMLite(VOSNetwork):
             raise ValueError(
                 f"stm-lite needs image sides that are multiples of {self.pad_multiple}, got {h}x{w}"
             )
+
+
+def _per_frame(query: QueryFeatures, name: str, make: Callable[[], Tensor]) -> Tensor:
+    """``make()``, a map that depends on the query frame only (a decoder skip, the value
+    encoder's stem), computed once per frame and kept on its query features: every network
+    call on the frame after the first reuses it (the bounded calls of a large request, the
+    trackers whose reads differ). Outside autograd only: training differentiates each call."""
+    if torch.is_grad_enabled():
+        return make()
+    # One entry per precision: an autocast call and a float32 call compute different maps.
+    key = f"stm_lite.{name}.{torch.is_autocast_enabled(query.key.device.type)}"
+    kept = query.extra.get(key)
+    if kept is None:
+        kept = query.extra[key] = make()
+    return kept
 
 
 def _background_values(values: Tensor, grid: tuple[int, int]) -> Tensor:

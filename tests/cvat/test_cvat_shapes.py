@@ -30,6 +30,17 @@ def test_rle_round_trip_matches_cvat_sdk():
     assert np.array_equal(decode_mask(points, image_width=80, image_height=60), m)
 
 
+def test_rle_is_cvat_sdks_for_any_mask():
+    # Our box handed to encode_mask: the same points as encode_mask finding it itself.
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        m = np.zeros((40, 70), bool)
+        y, x, h, w = rng.integers(0, 40), rng.integers(0, 70), *rng.integers(1, 30, 2)
+        m[y : y + h, x : x + w] = rng.random(m[y : y + h, x : x + w].shape) > 0.4
+        want = encode_mask(m) if m.any() else None
+        assert rle_from_mask(m) == want
+
+
 def test_empty_mask_has_no_shape():
     empty = np.zeros((8, 8), bool)
     assert rle_from_mask(empty) is None
