@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from napari_stm.core import crops
-from napari_stm.core.readout import motion_prior, soft_aggregate
+from napari_stm.core.readout import ObjectPriors, motion_prior, soft_aggregate
 from napari_stm.core.stm_lite import STMLite
 
 H, W = 256, 384  # a 16 x 24 grid of stride-16 cells
@@ -207,3 +207,38 @@ def test_a_frames_own_maps_are_computed_once_across_calls(net):
     finally:
         for h in hooks:
             h.remove()
+
+
+def test_objects_with_their_own_motion_prior_read_in_one_call(net):
+    # ObjectPriors: the one-object trackers of a CVAT request whose measured motion differs
+    # read in one call, each object with its own prior.
+    image0, masks0 = _scene()
+    image1, _ = _scene(offset=4)
+    grid = (H // 16, W // 16)
+    slow, fast = (motion_prior(torch.tensor([1]), grid, s) for s in (0.05, 0.15))
+    mixed = ObjectPriors((slow, fast), (0, 1, 0))  # object 1 moves faster
+    try:
+        with torch.inference_mode():
+            memory = net.encode_memory(image0, masks0)
+            keys, values = memory.keys.flatten(2), memory.values.flatten(2)
+            query = net.encode_query(image1)
+            net.crop_share = 0.0  # the exact network: each object as read with its own prior
+            got = net.segment(query, keys, values, None, mixed)
+            alone = [
+                net.segment(query, keys, values[i : i + 1], None, own)[0]
+                for i, own in enumerate((slow, fast, slow))
+            ]
+            assert torch.allclose(got, torch.stack(alone), atol=1e-5)
+            net.crop_share = 0.5  # windows
+            got = net.segment(query, keys, values, None, mixed)
+            as_slow = net.segment(query, keys, values, None, slow)
+            as_fast = net.segment(query, keys, values, None, fast)
+    finally:
+        net.crop_share = STMLite.crop_share
+    # The objects of the prior most objects have: as if every object had it.
+    assert torch.allclose(got[[0, 2]], as_slow[[0, 2]], atol=1e-5)
+    # The other: its own read and decoding on its window (where it is: the same), the
+    # background decoded with the main prior outside it (within the windows' tolerance).
+    on = as_fast[1] > 0.5
+    assert on.any() and torch.allclose(got[1][on], as_fast[1][on], atol=1e-5)
+    assert (got[1] - torch.stack(alone)[1]).abs().max() < 0.05

@@ -232,3 +232,27 @@ def test_a_large_cohort_goes_in_bounded_calls_and_equals_each_tracker_alone(monk
             _assert_as_alone(want, got)
     finally:
         del runtime.segment, runtime.encode_memory
+
+
+def test_trackers_of_different_motion_read_in_one_call_and_equal_each_alone():
+    # stm-lite takes each object's own motion prior (ObjectPriors): one-object trackers
+    # whose measured motion differs still read in one call (at this size the windows do not
+    # pay, so the exact network: each equals its tracker alone to float rounding).
+    model = load_model("stm-lite", device="cpu")
+    frames, labels = make_clip(4, 64, 96, n_objects=3, seed=2, occlusion=False)
+    alone = _trackers(model, frames, labels, 3)
+    together = _trackers(model, frames, labels, 3)
+    calls: list = []
+    _count_segments(together[0].runtime, calls)
+    try:
+        for t in range(1, 4):
+            for trackers in (alone, together):
+                trackers[1].motion.speed = 0.05  # a faster object: its own, wider prior
+            assert len({tr.motion_sigma for tr in together}) > 1
+            want = [tr.step(frames[t]) for tr in alone]
+            calls.clear()
+            got = _pairs(step_trackers(together, SharedFrame(frames[t])))
+            assert calls == [3]
+            _assert_as_alone(want, got)
+    finally:
+        del together[0].runtime.segment

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from napari_stm.core.readout import MotionPrior
+from napari_stm.core.readout import MotionPrior, ObjectPriors
 
 
 @dataclass
@@ -68,6 +68,10 @@ class VOSNetwork(nn.Module):
     #: whether :meth:`encode_memory` reuses the frame's query features when it is given them
     #: (its memory keys are its query keys): trackers sharing a frame then hand them over
     memory_from_query: bool = False
+    #: whether :meth:`segment` takes a :class:`~napari_stm.core.readout.ObjectPriors` (each
+    #: object its own motion prior, one frame): trackers whose measured motion differs then
+    #: read in one call
+    object_priors: bool = False
 
     def encode_query(self, image: Tensor) -> QueryFeatures:
         """Encode a query frame [1, 3, H, W]."""
@@ -92,14 +96,15 @@ class VOSNetwork(nn.Module):
         mem_keys: Tensor,
         mem_values: Tensor,
         top_k: int | None = None,
-        prior: MotionPrior | None = None,
+        prior: MotionPrior | ObjectPriors | None = None,
     ) -> Tensor:
         """Per-object foreground probabilities [N, H, W] of the query frame.
 
         ``mem_keys`` is [Nk, Ck, M] and ``mem_values`` [N, Cv, M]: every memory frame's entries
         flattened and concatenated along M = sum over frames of h * w. ``prior`` is the engine's
         motion prior (:func:`napari_stm.core.readout.motion_prior`), handed on to the memory
-        read.
+        read; an :class:`~napari_stm.core.readout.ObjectPriors` only where
+        :attr:`object_priors`.
         """
         raise NotImplementedError
 

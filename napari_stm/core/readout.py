@@ -56,6 +56,30 @@ class MotionPrior:
         return d2.clamp_(min=-self.cap)
 
 
+@dataclass(frozen=True)
+class ObjectPriors:
+    """Motion priors that differ between the objects of one read: the one-object trackers of
+    a CVAT request each measure their own motion, and those read together
+    (:func:`napari_stm.core.tracker.step_trackers`) then read in one network call, each object
+    with its own prior. Only networks with ``VOSNetwork.object_priors`` take them.
+    """
+
+    #: the distinct priors (same query grid and memory frames, different spreads)
+    priors: tuple[MotionPrior, ...]
+    #: for each object of the read, the index of its prior in ``priors``
+    owner: tuple[int, ...]
+
+    def objects(self, k: int) -> list[int]:
+        """The objects that read with ``priors[k]``."""
+        return [i for i, o in enumerate(self.owner) if o == k]
+
+    @property
+    def main(self) -> int:
+        """The prior most objects read with (the first of equally many)."""
+        counts = [self.owner.count(k) for k in range(len(self.priors))]
+        return counts.index(max(counts))
+
+
 def memory_read(
     mem_keys: Tensor,
     mem_values: Tensor,

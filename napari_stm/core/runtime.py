@@ -20,7 +20,7 @@ from torch import Tensor
 
 from napari_stm.core.config import RuntimeConfig
 from napari_stm.core.model import MemoryEntry, QueryFeatures, VOSNetwork
-from napari_stm.core.readout import MotionPrior
+from napari_stm.core.readout import MotionPrior, ObjectPriors
 
 #: devices where ``RuntimeConfig.amp`` runs the networks under bfloat16 autocast and the bounded
 #: memory is kept in float16. Not CPU: bfloat16 is 8-60x slower than float32 on CPUs without
@@ -97,7 +97,7 @@ class Runtime:
         keys: Tensor,
         values: Tensor,
         top_k: int | None,
-        prior: MotionPrior | None,
+        prior: MotionPrior | ObjectPriors | None,
         logits: bool = False,
     ) -> Tensor:
         if logits:

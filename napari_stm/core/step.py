@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from napari_stm.core.model import QueryFeatures
-from napari_stm.core.readout import MotionPrior, aggregate_probs, soft_aggregate
+from napari_stm.core.readout import MotionPrior, ObjectPriors, aggregate_probs, soft_aggregate
 
 #: From this many objects in one network call a frame takes the engine's many-object shortcuts:
 #: the aggregation straight to probabilities (:func:`~napari_stm.core.readout.aggregate_probs`),
@@ -56,7 +56,8 @@ class Read:
     #: [N, Cv, M] (or [B, N, Cv, M])
     values: Tensor
     top_k: int | None = None
-    prior: MotionPrior | None = None
+    #: an :class:`ObjectPriors` when trackers of different motion read in one call
+    prior: MotionPrior | ObjectPriors | None = None
     #: the frame of each memory frame, in the order of ``keys`` (None: not tracked)
     times: list[int] | None = None
 

@@ -44,7 +44,13 @@ from napari_stm.core import crops
 from napari_stm.core.backbones import LITE0, efficientnet_lite, lite0_normalize, lite_variant
 from napari_stm.core.model import MemoryEntry, QueryFeatures, VOSNetwork
 from napari_stm.core.network import ResBlock
-from napari_stm.core.readout import CHUNK_ELEMENTS, MotionPrior, dense_weights, memory_read
+from napari_stm.core.readout import (
+    CHUNK_ELEMENTS,
+    MotionPrior,
+    ObjectPriors,
+    dense_weights,
+    memory_read,
+)
 
 KEY_DIM = 64
 VALUE_DIM = 256
@@ -258,6 +264,7 @@ class STMLite(VOSNetwork):
     #: cost little more than one. 0: every object on the whole frame, the exact network.
     crop_share = 0.5
     memory_from_query = True
+    object_priors = True
 
     def __init__(
         self,
@@ -365,10 +372,11 @@ class STMLite(VOSNetwork):
         mem_keys: Tensor,
         mem_values: Tensor,
         top_k: int | None = None,
-        prior: MotionPrior | None = None,
+        prior: MotionPrior | ObjectPriors | None = None,
         logits: bool = False,
     ) -> Tensor:
-        """Per-object probabilities (or, with ``logits``, logits) of the query frame."""
+        """Per-object probabilities (or, with ``logits``, logits) of the query frame.
+        ``prior``: an :class:`ObjectPriors` reads each object with its own (one frame)."""
         if not {"f16", "image"} <= set(query.extra) or len(query.skips) != 2:
             raise TypeError("STMLite.segment needs query features made by STMLite.encode_query")
         batched = mem_values.dim() == 4
@@ -386,6 +394,8 @@ class STMLite(VOSNetwork):
                 f"for values {tuple(mem_values.shape)}, got {tuple(mem_keys.shape)}"
             )
         h, w = query.key.shape[-2:]
+        if isinstance(prior, ObjectPriors) and (b != 1 or len(prior.owner) != n):
+            raise ValueError(f"{len(prior.owner)} object priors for {b} frames of {n} objects")
         reader, _ = self.read_query(query)
         f8, f4 = query.skips
         skip8 = _per_frame(query, "skip8", lambda: self.decoder.RF3.skip(f8))
@@ -398,13 +408,19 @@ class STMLite(VOSNetwork):
             and h * w * keys.shape[-1] <= CHUNK_ELEMENTS
         ):
             out = self._segment_windows(query, keys, values[0], reader, prior, skip8, skip4)
-        if out is None:
+        if out is None and isinstance(prior, ObjectPriors):
+            read = reader.new_empty(1, n, values.shape[2], h * w)
+            for k, own in enumerate(prior.priors):
+                idx = prior.objects(k)
+                read[0, idx] = memory_read(keys, values[0, idx], reader, top_k, 1.0, own)
+        elif out is None:
             read = torch.stack(
                 [
                     memory_read(keys[i : i + 1], values[i], reader[i : i + 1], top_k, 1.0, prior)
                     for i in range(b)
                 ]
             )  # [B, N, Cv, h*w]
+        if out is None:
             out = self.decoder(read.reshape(b * n, -1, h, w), query.extra["f16"], skip8, skip4, n)
         out = F.interpolate(out, scale_factor=4, mode="bilinear", align_corners=False)
         out = out.reshape(b, n, *out.shape[-2:])
@@ -425,7 +441,7 @@ class STMLite(VOSNetwork):
         keys: Tensor,
         values: Tensor,
         reader: Tensor,
-        prior: MotionPrior | None,
+        prior: MotionPrior | ObjectPriors | None,
         skip8: Tensor,
         skip4: Tensor,
     ) -> Tensor:
@@ -438,23 +454,53 @@ class STMLite(VOSNetwork):
         same "background" read for every object. That read, decoded once for the whole frame,
         gives every object's refinement outside its window; the read-out's soft mask (cheap:
         one channel per object) stays each object's own everywhere.
+
+        :class:`ObjectPriors`: each object's soft mask, window and whole-frame read are read
+        with its own prior's weights; the background read, with the prior most objects have
+        (one whole-frame decode, not one per prior). For the others that is one more
+        approximation outside their windows (docs/performance.md measures it).
         """
         dec = self.decoder
         f16 = query.extra["f16"]
         h, w = query.key.shape[-2:]
         n, cv, m = values.shape
-        weights = dense_weights(keys, reader, 1.0, prior).to(values.dtype)  # [P, M]
-        coverage = (weights @ values[:, -1].T).T.reshape(n, 1, h, w)
+        if isinstance(prior, ObjectPriors):
+            weights_of = [
+                dense_weights(keys, reader, 1.0, own).to(values.dtype) for own in prior.priors
+            ]  # [P, M] each
+            weights = weights_of[prior.main]
+        else:
+            weights = dense_weights(keys, reader, 1.0, prior).to(values.dtype)  # [P, M]
+
+        def read_with(wk: Tensor, idx: list[int], last: bool = False) -> Tensor:
+            v = values[idx, -1] if last else values[idx].reshape(len(idx) * cv, m)
+            return (wk @ v.T).T.reshape(len(idx), 1 if last else cv, h, w)
+
+        def read(idx: list[int], last: bool = False) -> Tensor:
+            """Objects ``idx`` read everywhere (``last``: their soft mask only), each with its
+            own prior's weights."""
+            if not isinstance(prior, ObjectPriors):
+                return read_with(weights, idx, last)
+            out = None
+            for k, wk in enumerate(weights_of):
+                at = [j for j, i in enumerate(idx) if prior.owner[i] == k]
+                if at:
+                    part = read_with(wk, [idx[j] for j in at], last)
+                    if out is None:
+                        out = part.new_empty(len(idx), *part.shape[1:])
+                    out[at] = part
+            assert out is not None
+            return out
+
+        if isinstance(prior, ObjectPriors):
+            coverage = read(list(range(n)), last=True)
+        else:
+            coverage = (weights @ values[:, -1].T).T.reshape(n, 1, h, w)
         plan = crops.plan_crops(
             coverage[:, 0], DECODE_THRESHOLD, DECODE_REACH, DECODE_CONTEXT, self.crop_share
         )
-
-        def read(idx: list[int]) -> Tensor:
-            v = values[idx].reshape(len(idx) * cv, m)
-            return (weights @ v.T).T.reshape(len(idx), cv, h, w).to(reader.dtype)
-
         if not plan.cropped:
-            return dec(read(list(range(n))), f16, skip8, skip4, n)
+            return dec(read(list(range(n))).to(reader.dtype), f16, skip8, skip4, n)
         frame = _per_frame(query, "frame16", lambda: dec.frame(f16))
         bg_values = _background_values(values, (h, w))  # [Cv, M]
         background = (weights @ bg_values.T).T.reshape(1, cv, h, w).to(reader.dtype)
@@ -462,12 +508,20 @@ class STMLite(VOSNetwork):
         refined = refined - dec.prior_logit(background, refined.shape[-2:], refined.dtype)
         out = dec.prior_logit(coverage, (4 * h, 4 * w), frame.dtype) + refined.to(frame.dtype)
         if plan.full:
-            out[plan.full] = dec.objects(read(plan.full), frame, skip8, skip4).to(out.dtype)
+            full = read(plan.full).to(reader.dtype)
+            out[plan.full] = dec.objects(full, frame, skip8, skip4).to(out.dtype)
+        if isinstance(prior, ObjectPriors):
+            stacked = torch.stack(weights_of)  # [priors, P, M]
         for group in plan.groups:
             wins = group.windows
             wh, ww = wins[0].size
             rows = torch.stack([crops.positions(win, w) for win in wins]).to(weights.device)
-            window_read = torch.bmm(weights[rows], values[group.objects].transpose(1, 2))
+            if isinstance(prior, ObjectPriors):  # each window's rows of its own weights
+                owner = torch.tensor([prior.owner[i] for i in group.objects])[:, None]
+                at = stacked[owner.to(weights.device), rows]
+            else:
+                at = weights[rows]  # [G, wh*ww, M]
+            window_read = torch.bmm(at, values[group.objects].transpose(1, 2))
             window_read = window_read.transpose(1, 2).reshape(len(wins), cv, wh, ww)
             logits = dec.objects(
                 window_read.to(reader.dtype),

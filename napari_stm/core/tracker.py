@@ -39,7 +39,7 @@ from napari_stm.core.model import MemoryEntry, QueryFeatures, VOSNetwork
 from napari_stm.core.motion import MotionEstimate
 from napari_stm.core.policy import make_policy
 from napari_stm.core.quality import FLAG_REFERENCE, LostWatch, label_areas, object_confidence
-from napari_stm.core.readout import MotionPrior, motion_prior
+from napari_stm.core.readout import MotionPrior, ObjectPriors, motion_prior
 from napari_stm.core.runtime import Runtime, half_precision, prepare
 from napari_stm.core.step import Read, StepOutput, step
 
@@ -737,7 +737,11 @@ def _plan(
             continue
         assert query is not None
         read = tr._read(t, query)
-        sigma = None if read.prior is None else tr.motion_sigma
+        sigma: float | str | None = None if read.prior is None else tr.motion_sigma
+        if sigma is not None and getattr(tr.model, "object_priors", False):
+            # The network takes each object's own prior (ObjectPriors): trackers of different
+            # measured motion read in one call.
+            sigma = "own"
         gaps = None if read.times is None else tuple(abs(t - s) for s in read.times)
         like = (key, n, tr.policy.extra_slots(n), read.top_k, sigma, gaps)
         for signature, members in groups:
@@ -829,7 +833,7 @@ def _step_together(
     read = reads[0]
     if len(trackers) > 1:
         values = torch.cat([r.values for r in reads], dim=0)
-        read = Read(read.keys, values, read.top_k, read.prior, read.times)
+        read = Read(read.keys, values, read.top_k, _priors(trackers, reads), read.times)
     out = step(
         first.runtime,
         image,
@@ -856,3 +860,20 @@ def _step_together(
         )
         for k in range(len(trackers))
     ]
+
+
+def _priors(trackers: list[Tracker], reads: list[Read]) -> MotionPrior | ObjectPriors | None:
+    """The motion prior of trackers read in one call: theirs, or where their measured motion
+    differs (a network with ``object_priors``), each tracker's objects their own."""
+    sigmas = [
+        tr.motion_sigma if r.prior is not None else None
+        for tr, r in zip(trackers, reads, strict=True)
+    ]
+    distinct = list(dict.fromkeys(sigmas))
+    if len(distinct) == 1:
+        return reads[0].prior
+    priors = [reads[sigmas.index(s)].prior for s in distinct]
+    assert all(p is not None for p in priors), "trackers with and without a prior"
+    n = len(trackers[0].object_ids)
+    owner = tuple(distinct.index(s) for s in sigmas for _ in range(n))
+    return ObjectPriors(tuple(p for p in priors if p is not None), owner)
