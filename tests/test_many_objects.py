@@ -27,12 +27,13 @@ def _smooth_probs(classes: int, h: int, w: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("extra", [0, 3])
-def test_aggregate_probs_is_the_softmax_of_the_soft_aggregation(extra):
+@pytest.mark.parametrize("n", [12, 1])  # 1: a batch of one-object trackers (its own arithmetic)
+def test_aggregate_probs_is_the_softmax_of_the_soft_aggregation(extra, n):
     g = torch.Generator().manual_seed(0)
-    objects = torch.rand(2, 12, 9, 11, generator=g) ** 4  # batched, mostly small
+    objects = torch.rand(2, n, 9, 11, generator=g) ** 4  # batched, mostly small
     objects[0, 0, :2] = 1.0  # saturated and empty pixels hit the clamps
     objects[1, :, 3] = 0.0
-    plain = torch.softmax(soft_aggregate(objects, extra_slots=extra), dim=-3)[:, :13]
+    plain = torch.softmax(soft_aggregate(objects, extra_slots=extra), dim=-3)[:, : n + 1]
     fast = aggregate_probs(objects, extra_slots=extra)
     assert fast.shape == plain.shape
     assert torch.allclose(fast, plain, atol=2e-6, rtol=1e-5)

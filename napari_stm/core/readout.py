@@ -348,6 +348,15 @@ def aggregate_probs(objects: Tensor, extra_slots: int = 0, eps: float = 1e-7) ->
     n, h, w = objects.shape[-3:]
     lead = objects.shape[:-3]
     out = objects.new_empty(*lead, 1 + n, h, w)
+    if n == 1 and not extra_slots:
+        # One object (a batch of one-object trackers): with c = clamp(1 - p), the object's
+        # odds are (1 - c) / c and the background's c / (1 - c), so the probabilities are
+        # c^2 and (1 - c)^2 normalised: the same to float rounding, in 7 passes instead of 11.
+        c = torch.sub(objects.new_ones(()), objects).clamp_(eps, 1 - eps)
+        torch.mul(c, c, out=out[..., :1, :, :])
+        c = torch.sub(objects.new_ones(()), c, out=c)
+        torch.mul(c, c, out=out[..., 1:, :, :])
+        return out.div_(out[..., :1, :, :] + out[..., 1:, :, :])
     # In place in ``out``: a temporary of the maps' size costs as much as a pass over them.
     rest = out[..., 1:, :, :]
     torch.sub(objects.new_ones(()), objects, out=rest)  # 1 - p
