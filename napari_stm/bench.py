@@ -703,7 +703,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="work at most this many pixels a side (0: full size; default: the model's working "
-        "size, 512 for stm-lite)",
+        "size, 576 for stm-lite)",
     )
     g.add_argument(
         "--confidence-gate",

@@ -231,6 +231,17 @@ def test_bundled_weights_are_the_offline_default(monkeypatch):
     assert isinstance(net, STMLite) and net.motion_prior
 
 
+def test_each_bundled_model_works_at_its_own_size():
+    # Chosen per weights: stm-lite's natural video at 576 a side, the cells model from 512 down.
+    from napari_stm.core.tracker import working_geometry
+
+    video = working_geometry((480, 854), load_model("stm-lite", device="cpu"), PropagationConfig())
+    assert video.inner == (324, 576)
+    cells = load_model("stm-lite-cells", device="cpu")
+    assert working_geometry((480, 854), cells, PropagationConfig()).inner == (288, 512)
+    assert working_geometry((480, 854), cells, PropagationConfig(max_side=0)).inner == (480, 854)
+
+
 def test_bundled_model_tracks_the_sample_clip():
     """The shipped weights on the shipped clip (half size): a trained model, not a random one."""
     from napari_stm.cli import SAMPLE

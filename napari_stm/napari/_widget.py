@@ -205,7 +205,8 @@ class PropagateWidget(Container):
             choices=list(WORKING_SIZES),
             value=MODEL_SIZE,
             tooltip="Longer side the frames are resized to while propagating (masks come back "
-            "full size). 'model default': the size the model works best at (stm-lite: 512). "
+            "full size). 'model default': the size the model works best at (stm-lite: 576; "
+            "stm-lite-cells: 512 or less, chosen from the painted cells). "
             "Larger sizes follow small objects in large frames better, at more time.",
         )
         self._overwrite = ComboBox(

@@ -138,6 +138,8 @@ def load_model(
     model = spec.build()
     if spec.object_side is not None:
         model.object_side = spec.object_side
+    if spec.working_side is not None:
+        model.working_side = spec.working_side
     if state_dict is not None:
         load_state_dict(model, state_dict, source)
     model.eval().requires_grad_(False)
