@@ -12,6 +12,11 @@ on/off compares one query encoding per request (what the handler does) with one 
 agent does: ``preprocess_image`` once per request, then ``init_tracking_state`` or ``track``
 once per shape, in the request's order (``--shared`` does not apply there).
 
+``--rounds R`` runs the object counts R times over, one after the other in one process, and
+prints each round's ratio to one object and their median: on a shared machine the one-object
+time alone drifts by a quarter between runs, and a K-object run next to its own one-object
+run shares that run's conditions.
+
 ``--tolerance`` also compares, over the same frames, the trackers stepped as both paths step
 them (shared network calls: ``step_trackers``, asked one at a time with the rest computed
 ahead, as the agent does) with each tracker stepped on its own (``Tracker.step``): the largest
@@ -39,16 +44,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--path", nargs="+", choices=["nuclio", "agent"], default=["nuclio"])
     parser.add_argument("--tolerance", action="store_true", help="batched against alone")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the object counts")
     args = parser.parse_args()
 
     import torch
-    from cvat_sdk.masks import encode_mask
 
-    from cvat_function.limits import Limits
-    from cvat_function.nuclio.model_handler import ModelHandler
-    from cvat_function.sessions import MemorySessionStore
-    from napari_stm.bench import SyntheticVideo, parse_resolution
-    from napari_stm.core.engine import PropagationConfig
+    from napari_stm.bench import parse_resolution
     from napari_stm.core.weights import default_model_name, load_model
 
     torch.set_num_threads(args.threads)
@@ -60,23 +61,56 @@ def main() -> None:
         f"model {name}, {args.resolution} ({width}x{height}), {args.threads} thread(s), "
         f"median of {args.frames} continue calls"
     )
+    tolerances: list[tuple] = []
+    ratios: dict[tuple, list[float]] = {}
+    for r in range(args.rounds):
+        _round(args, model, width, height, modes, ratios, tolerances if r == 0 else None)
+    if args.rounds > 1:
+        print("\nx one object (wall time) in each round, and the median over rounds:")
+        print("| path | objects | rounds | median |")
+        print("|---|---|---|---|")
+        for (path, k), xs in ratios.items():
+            each = ", ".join(f"{x:.1f}" for x in xs)
+            print(f"| {' '.join(str(p) for p in path)} | {k} | {each} | {np.median(xs):.1f} |")
+    if tolerances:
+        print("\nshared network calls against each tracker alone, every tracker and frame:")
+        print("| objects | max abs prob diff | labels equal, mean % | lowest % |")
+        print("|---|---|---|---|")
+        for k, diff, mean, low in tolerances:
+            print(f"| {k} | {diff:.2g} | {mean:.4f} | {low:.4f} |")
+
+
+def _round(
+    args, model, width: int, height: int, modes: list, ratios: dict, tolerances: list | None
+) -> None:
+    """One pass over the object counts: a table, each count's ratio added to ``ratios``
+    (``tolerances``: where to add the ``--tolerance`` check, None to skip it)."""
+    from cvat_sdk.masks import encode_mask
+
+    from cvat_function.limits import Limits
+    from cvat_function.nuclio.model_handler import ModelHandler
+    from cvat_function.sessions import MemorySessionStore
+    from napari_stm.bench import SyntheticVideo
+    from napari_stm.core.engine import PropagationConfig
+
     print(
         "| path | objects | shared query | start ms | ms per frame (cpu ms) | ms per object "
         "| x one object (by cpu ms) |"
     )
     print("|---|---|---|---|---|---|---|")
     base: dict[tuple, float] = {}
-    tolerances: list[tuple] = []
     for k in args.objects:
         video = SyntheticVideo(args.frames + 1, height, width, k, args.seed)
         labels = video.labels(0)
         shapes = [{"type": "mask", "points": encode_mask(labels == i)} for i in range(1, k + 1)]
         images = [_b64(video[t]) for t in range(args.frames + 1)]
-        if args.tolerance:
+        if args.tolerance and tolerances is not None:
             tolerances.append((k, *_tolerance(model, video, k, args.frames)))
         if "agent" in args.path:
             start, ms, cpu = _agent(model, images, shapes)
-            _row(base, ("agent",), k, "yes", start, ms, cpu)
+            ratios.setdefault((("agent",), k), []).append(
+                _row(base, ("agent",), k, "yes", start, ms, cpu)
+            )
         if "nuclio" not in args.path:
             continue
         for shared in modes:
@@ -101,13 +135,10 @@ def main() -> None:
                 assert status == 200, reply
                 states = reply["states"]
             ms, cpu = 1000 * float(np.median(times)), 1000 * float(np.median(cpus))
-            _row(base, ("nuclio", shared), k, "yes" if shared else "no", start, ms, cpu)
-    if tolerances:
-        print("\nshared network calls against each tracker alone, every tracker and frame:")
-        print("| objects | max abs prob diff | labels equal, mean % | lowest % |")
-        print("|---|---|---|---|")
-        for k, diff, mean, low in tolerances:
-            print(f"| {k} | {diff:.2g} | {mean:.4f} | {low:.4f} |")
+            path = ("nuclio", "shared" if shared else "own query")
+            ratios.setdefault((path, k), []).append(
+                _row(base, path, k, "yes" if shared else "no", start, ms, cpu)
+            )
 
 
 def _tolerance(model, video, k: int, frames: int) -> tuple[float, float, float]:
@@ -135,7 +166,10 @@ def _tolerance(model, video, k: int, frames: int) -> tuple[float, float, float]:
     return diff, float(np.mean(equal)), min(equal)
 
 
-def _row(base: dict, path: tuple, k: int, shared: str, start: float, ms: float, cpu: float) -> None:
+def _row(
+    base: dict, path: tuple, k: int, shared: str, start: float, ms: float, cpu: float
+) -> float:
+    """Print one table row; return the wall time's ratio to the path's first object count."""
     # Processor time as well: on a shared machine other jobs stretch wall time, not it.
     wall, proc = base.setdefault(path, (ms, cpu))  # the first (smallest) object count
     print(
@@ -143,6 +177,7 @@ def _row(base: dict, path: tuple, k: int, shared: str, start: float, ms: float, 
         f"| {ms / wall:.1f} ({cpu / proc:.1f}) |",
         flush=True,
     )
+    return ms / wall
 
 
 def _agent(model, images: list[str], shapes: list[dict]) -> tuple[float, float, float]:
