@@ -67,11 +67,13 @@ def _count_segments(runtime, calls: list) -> None:
     runtime.segment = counted
 
 
-def _three_twice() -> tuple[np.ndarray, list[Tracker], list[Tracker], list]:
-    """A 5-frame clip's three objects started twice, one tracker each: a set to step alone and
-    a set to step together, whose network calls (objects per call) are counted in the list."""
-    model = load_model("lite0-match", device="cpu")
-    frames, labels = make_clip(5, 64, 96, n_objects=3, seed=2, occlusion=False)
+def _three_twice(
+    model_name: str = "lite0-match", n_frames: int = 5
+) -> tuple[np.ndarray, list[Tracker], list[Tracker], list]:
+    """A clip's three objects started twice, one tracker each: a set to step alone and a set
+    to step together, whose network calls (objects per call) are counted in the list."""
+    model = load_model(model_name, device="cpu")
+    frames, labels = make_clip(n_frames, 64, 96, n_objects=3, seed=2, occlusion=False)
     alone = _trackers(model, frames, labels, 3)
     together = _trackers(model, frames, labels, 3)
     calls: list = []
@@ -88,6 +90,15 @@ def _record_encodes(runtime: Runtime) -> list:
     return memorised
 
 
+def _step_both(frame: np.ndarray, alone: list, together: list, *recorders: list) -> tuple:
+    """Step ``alone`` one by one and ``together`` in shared calls on ``frame``, the
+    ``recorders`` emptied in between: what each set gave, as (labels, probs) pairs."""
+    want = [tr.step(frame) for tr in alone]
+    for recorded in recorders:
+        recorded.clear()
+    return want, _pairs(step_trackers(together, SharedFrame(frame)))
+
+
 def _assert_as_alone(want: list, got: list) -> None:
     """Trackers stepped together give each its (labels, probs) alone, to float rounding."""
     for (wl, wp), (gl, gp) in zip(want, got, strict=True):
@@ -101,10 +112,7 @@ def test_step_trackers_reads_and_decodes_once_and_equals_each_tracker_alone():
     memorised = _record_encodes(runtime)
     try:
         for t in range(1, 5):
-            want = [tr.step(frames[t]) for tr in alone]
-            calls.clear()
-            memorised.clear()
-            got = _pairs(step_trackers(together, SharedFrame(frames[t])))
+            want, got = _step_both(frames[t], alone, together, calls, memorised)
             assert calls == [3]  # one network call, the three trackers' objects side by side
             # the frame before written to the three memories by one memory-encoder call
             assert memorised == ([] if t == 1 else [{"groups": 3}])
@@ -222,10 +230,7 @@ def test_a_large_cohort_goes_in_bounded_calls_and_equals_each_tracker_alone(monk
     memorised = _record_encodes(runtime)
     try:
         for t in range(1, 4):
-            want = [tr.step(frames[t]) for tr in alone]
-            calls.clear()
-            memorised.clear()
-            got = _pairs(step_trackers(together, SharedFrame(frames[t])))
+            want, got = _step_both(frames[t], alone, together, calls, memorised)
             assert calls == [2, 1]
             # the frame before: two memories in one call, the third by its own step
             assert memorised == ([] if t == 1 else [{"groups": 2}, {}])
@@ -238,20 +243,13 @@ def test_trackers_of_different_motion_read_in_one_call_and_equal_each_alone():
     # stm-lite takes each object's own motion prior (ObjectPriors): one-object trackers
     # whose measured motion differs still read in one call (at this size the windows do not
     # pay, so the exact network: each equals its tracker alone to float rounding).
-    model = load_model("stm-lite", device="cpu")
-    frames, labels = make_clip(4, 64, 96, n_objects=3, seed=2, occlusion=False)
-    alone = _trackers(model, frames, labels, 3)
-    together = _trackers(model, frames, labels, 3)
-    calls: list = []
-    _count_segments(together[0].runtime, calls)
+    frames, alone, together, calls = _three_twice("stm-lite", n_frames=4)
     try:
         for t in range(1, 4):
             for trackers in (alone, together):
                 trackers[1].motion.speed = 0.05  # a faster object: its own, wider prior
             assert len({tr.motion_sigma for tr in together}) > 1
-            want = [tr.step(frames[t]) for tr in alone]
-            calls.clear()
-            got = _pairs(step_trackers(together, SharedFrame(frames[t])))
+            want, got = _step_both(frames[t], alone, together, calls)
             assert calls == [3]
             _assert_as_alone(want, got)
     finally:
