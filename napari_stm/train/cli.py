@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -108,6 +109,14 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--iterations", type=int, default=d.iterations, help="default: %(default)s")
+    g.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="time budget of the whole run: a few steps are timed first and --iterations is "
+        "set so that the schedule (learning rate, gaps, loss) ends within it (at most "
+        "--iterations steps); if steps get slower, the run stops, saved, at the budget",
+    )
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (%(default)s)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="%(default)s")
@@ -181,8 +190,9 @@ def build_dataset(args: argparse.Namespace, crop: int):  # noqa: ANN201 - a torc
 
 def run(args: argparse.Namespace) -> int:
     from napari_stm.core.weights import resolve_device
-    from napari_stm.train.loop import TrainConfig, Trainer
+    from napari_stm.train.loop import Trainer, seconds_per_step
 
+    started = time.monotonic()
     if args.threads is not None:
         if args.threads < 1:
             raise InputError("--threads must be at least 1")
@@ -195,7 +205,62 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--crop must be a multiple of 16, at least 32; got {crop}")
     if args.init and args.resume:
         raise InputError("--init starts a new run and --resume continues one: choose one")
-    config = TrainConfig(
+    if args.minutes is not None:
+        if args.resume:
+            raise InputError(
+                "--minutes plans a new run; to continue one, pass the --iterations it printed"
+            )
+        if args.minutes <= 0:
+            raise InputError(f"--minutes must be positive, got {args.minutes}")
+    config = _config(args, device)
+    if args.minutes is not None:
+        per_step = seconds_per_step(config, build_dataset(args, crop))
+        left = 60 * args.minutes - (time.monotonic() - started)
+        # A margin for checkpoints, the loss curve and the workers' restart.
+        planned = max(1, int(0.92 * left / per_step))
+        args.iterations = min(args.iterations, planned)
+        config = _config(args, device)
+        print(
+            f"--minutes {args.minutes:g}: {per_step:.3f} s a step measured here -> "
+            f"--iterations {args.iterations}",
+            flush=True,
+        )
+    dataset = build_dataset(args, crop)
+    bar = None
+    if not args.quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=args.iterations, desc=f"stage {args.stage}", unit="it")
+
+    def progress(step: int, total: int, loss: float) -> None:
+        if bar is not None:
+            bar.n = step
+            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.refresh()
+
+    trainer = Trainer(config, dataset, progress=progress)
+    try:
+        stop_at = None if args.minutes is None else started + 60 * args.minutes
+        weights = trainer.run(resume=args.resume, stop_at=stop_at)
+    except FloatingPointError as err:
+        print(f"napari-stm train: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.export:
+        export = Path(args.export)
+        export.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(weights, export)
+        weights = export
+    print(f"weights: {weights}  (log: {Path(args.out) / 'log.csv'})")
+    return 0
+
+
+def _config(args: argparse.Namespace, device: torch.device):  # noqa: ANN202 - a TrainConfig
+    from napari_stm.train.loop import TrainConfig
+
+    return TrainConfig(
         out=str(args.out),
         iterations=args.iterations,
         batch_size=args.batch_size,
@@ -215,35 +280,6 @@ def run(args: argparse.Namespace) -> int:
         motion_probability=args.motion_prior,
         backbone=args.backbone,
     )
-    dataset = build_dataset(args, crop)
-    bar = None
-    if not args.quiet:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=args.iterations, desc=f"stage {args.stage}", unit="it")
-
-    def progress(step: int, total: int, loss: float) -> None:
-        if bar is not None:
-            bar.n = step
-            bar.set_postfix(loss=f"{loss:.4f}")
-            bar.refresh()
-
-    trainer = Trainer(config, dataset, progress=progress)
-    try:
-        weights = trainer.run(resume=args.resume)
-    except FloatingPointError as err:
-        print(f"napari-stm train: error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        if bar is not None:
-            bar.close()
-    if args.export:
-        export = Path(args.export)
-        export.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(weights, export)
-        weights = export
-    print(f"weights: {weights}  (log: {Path(args.out) / 'log.csv'})")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -180,10 +180,22 @@ def _losses(logits: list[Tensor], labels: Tensor, top_fraction: float) -> tuple[
 # --------------------------------------------------------------------------- the trainer
 
 
-def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    if device.type == "cuda" and enabled:
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
+def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """Mixed precision's dtype on this device, or None (full fp32).
+
+    bfloat16 where the GPU has it: float32's range, so no loss scaling and no overflow in the
+    memory read's exponentials; float16 (with a gradient scaler) on older GPUs. Never on CPU,
+    where reduced precision is many times slower, not faster.
+    """
+    if device.type != "cuda" or not enabled:
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype)
 
 
 def _atomic_save(obj: object, path: Path) -> None:
@@ -208,7 +220,9 @@ class Trainer:
         self.device = resolve_device(config.device)
         torch.manual_seed(config.seed)
         if model is None:
-            model = STMLite(pretrained=True, backbone=config.backbone)
+            # Weights to start from hold the image encoder too: the ImageNet ones (and their
+            # package) are needed only for a run from scratch.
+            model = STMLite(pretrained=config.init is None, backbone=config.backbone)
         self.model = model.to(self.device)
         if config.init:
             load_state_dict(self.model, read_state_dict(config.init), config.init)
@@ -228,8 +242,8 @@ class Trainer:
                 if chosen:
                     groups.append({"params": chosen, "lr_scale": scale, "weight_decay": decay})
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr)
-        self.use_amp = self.device.type == "cuda" and config.amp
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.amp_dtype = amp_dtype(self.device, config.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.step = 0
         #: plain cross-entropy of the last step (the loss optimised may be bootstrapped)
         self.last_cross_entropy = math.nan
@@ -272,10 +286,11 @@ class Trainer:
             g["lr"] = lr * g["lr_scale"]
         images = batch["images"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
-        with _autocast(self.device, self.use_amp):
+        with _autocast(self.amp_dtype):
             logits = clip_logits(
                 self.model, images, labels, self.config.objects, self.motion_sigma_at(self.step)
             )
+        logits = [x.float() for x in logits]
         loss, plain = _losses(logits, labels, self.top_fraction_at(self.step))
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -357,8 +372,13 @@ class Trainer:
         return path
 
     # -- the run ----------------------------------------------------------------------------
-    def run(self, resume: bool = False) -> Path:
-        """Train to ``config.iterations``; returns the exported weights file."""
+    def run(self, resume: bool = False, stop_at: float | None = None) -> Path:
+        """Train to ``config.iterations``; returns the exported weights file.
+
+        ``stop_at`` (a ``time.monotonic()`` value): stop there even if steps remain, saved and
+        exported as at the end (a time budget is kept even when the steps got slower than
+        planned); ``resume`` continues such a run.
+        """
         ckpt = self.out / CHECKPOINT
         if resume:
             if not ckpt.is_file():
@@ -397,10 +417,49 @@ class Trainer:
                 if self.progress is not None:
                     self.progress(self.step, c.iterations, sum(window) / len(window))
                 window, window_ce, last_log = [], [], now
-            if self.step % c.save_every == 0 or self.step == c.iterations:
+            out_of_time = stop_at is not None and time.monotonic() >= stop_at
+            if self.step % c.save_every == 0 or self.step == c.iterations or out_of_time:
                 self.save()
                 plot_loss_curve(self.out / LOG, self.out / CURVE)
+            if out_of_time and self.step < c.iterations:
+                logger.warning(
+                    "time budget spent at step %d of %d: saved; --resume continues",
+                    self.step,
+                    c.iterations,
+                )
+                break
         return self.export()
+
+
+def seconds_per_step(config: TrainConfig, dataset: Dataset, steps: int = 20) -> float:
+    """Wall-clock seconds of one training step of ``config`` on this machine, data loading
+    included: what a time budget (``napari-stm train --minutes``) turns into iterations.
+
+    Measured on a throwaway trainer (its own model and optimizer, a temporary folder), so the
+    run itself starts from its step 0 as planned. The first steps are not counted: they start
+    the loader's workers and fill their prefetch queue, which would flatter a data-bound run.
+    """
+    import tempfile
+
+    skip = 2 * config.workers + 3
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Trainer(
+            dataclasses.replace(
+                config, out=tmp, iterations=skip + steps, save_every=10**9, log_every=10**9
+            ),
+            dataset,
+        )
+        stamps = []
+        for batch in probe.batches():
+            probe.train_step(batch)
+            if probe.device.type == "cuda":
+                torch.cuda.synchronize(probe.device)
+            stamps.append(time.perf_counter())
+        device = probe.device
+        del probe
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return (stamps[-1] - stamps[skip - 1]) / steps
 
 
 class CsvLog:

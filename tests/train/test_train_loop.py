@@ -217,3 +217,38 @@ def test_cli_trains_on_microscopy(tmp_path, ctc_root):
     )
     with pytest.raises(InputError, match="--ctc-columns"):
         cli.run(bad)
+
+
+def test_time_budget_stops_saved_and_resumable(tmp_path, dataset):
+    import time
+
+    cfg = _config(tmp_path, iterations=5, save_every=100)
+    # A budget already spent: one step runs, then the run stops, saved and exported.
+    weights = Trainer(cfg, dataset).run(stop_at=time.monotonic())
+    out = tmp_path / "run"
+    assert weights.is_file()
+    state = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
+    assert state["step"] == 1
+    Trainer(cfg, dataset).run(resume=True)
+    with open(out / "log.csv") as f:
+        assert int(list(csv.DictReader(f))[-1]["step"]) == 5
+
+
+def test_cli_minutes_plans_the_iterations(tmp_path, davis_root, capsys):
+    parser = cli.add_arguments(argparse.ArgumentParser())
+    init = tmp_path / "init.pth"
+    torch.save(STMLite().state_dict(), init)
+    out = tmp_path / "timed"
+    common = ["--device", "cpu", "--threads", "1", "--quiet", "--crop", "64", "--batch-size", "1"]
+    args = parser.parse_args(
+        [str(out), "--stage", "2", "--davis", str(davis_root), "--init", str(init)]
+        + ["--frames", "2", "--minutes", "0.5", "--iterations", "4", *common]
+    )
+    assert cli.run(args) == 0
+    # The measured steps fit many more than 4 in half a minute: --iterations caps the plan.
+    assert "--iterations 4" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert int(rows[-1]["step"]) == 4
+    resumed = parser.parse_args([str(out), "--resume", "--minutes", "1", *common])
+    with pytest.raises(InputError, match="--minutes plans a new run"):
+        cli.run(resumed)
