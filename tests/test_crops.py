@@ -242,3 +242,39 @@ def test_objects_with_their_own_motion_prior_read_in_one_call(net):
     on = as_fast[1] > 0.5
     assert on.any() and torch.allclose(got[1][on], as_fast[1][on], atol=1e-5)
     assert (got[1] - torch.stack(alone)[1]).abs().max() < 0.05
+
+
+def test_calls_reading_one_memory_decode_its_background_once(net):
+    # The bounded calls of a large CVAT request read the same memory: the background read
+    # their objects share outside their windows is the same to float rounding and is decoded
+    # for the first call only (kept on the query features); another memory decodes its own.
+    image0, masks0 = _scene()
+    image1, masks1 = _scene(offset=4)
+    decoded: list = []  # whole-frame decodes: the decoder's stride-16 block on the whole grid
+    grid = (H // 16, W // 16)
+    hook = net.decoder.ResMM.register_forward_hook(
+        lambda _m, _i, out: decoded.append(out.shape[0]) if out.shape[-2:] == grid else None
+    )
+    try:
+        with torch.inference_mode():
+            prior = motion_prior(torch.tensor([1]), grid, 0.05)
+
+            def memory(image, masks):  # three one-object trackers' memories
+                entry = net.encode_memory(image, masks, groups=3)
+                return entry.keys.flatten(2), entry.values.flatten(2)
+
+            keys, values = memory(image0, masks0)
+            query = net.encode_query(image1)
+            net.segment(query, keys, values[:2], None, prior)
+            assert decoded == [1]
+            decoded.clear()
+            second = net.segment(query, keys, values[1:], None, prior)
+            assert decoded == []
+            alone = net.segment(net.encode_query(image1), keys, values[1:], None, prior)
+            assert (second - alone).abs().max() < 1e-5
+            decoded.clear()
+            other_keys, other_values = memory(image1, masks1)
+            net.segment(query, other_keys, other_values[1:], None, prior)
+            assert decoded == [1]
+    finally:
+        hook.remove()

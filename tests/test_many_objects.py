@@ -16,7 +16,7 @@ from napari_stm.core import step as stepping
 from napari_stm.core.engine import PropagationConfig, Propagator
 from napari_stm.core.frames import from_network, geometry, labels_from_network
 from napari_stm.core.motion import MotionEstimate
-from napari_stm.core.readout import aggregate_probs, soft_aggregate
+from napari_stm.core.readout import aggregate_probs, one_object_probs, soft_aggregate
 
 
 def _smooth_probs(classes: int, h: int, w: int, seed: int) -> torch.Tensor:
@@ -37,6 +37,21 @@ def test_aggregate_probs_is_the_softmax_of_the_soft_aggregation(extra, n):
     fast = aggregate_probs(objects, extra_slots=extra)
     assert fast.shape == plain.shape
     assert torch.allclose(fast, plain, atol=2e-6, rtol=1e-5)
+
+
+def test_one_object_probs_are_the_aggregation_of_the_sigmoid():
+    # Many one-object trackers stepped together (a CVAT request on stm-lite) form their
+    # probabilities from the network's logits: the soft aggregation's softmax of the sigmoid.
+    g = torch.Generator().manual_seed(1)
+    logits = 8 * torch.randn(3, 1, 9, 11, generator=g)
+    logits[0, 0, :2] = 40.0  # beyond the clamps both ways, and undecided
+    logits[1, 0, 3] = -40.0
+    logits[2, 0, 4] = 0.0
+    plain = torch.softmax(soft_aggregate(torch.sigmoid(logits)), dim=-3)
+    direct = one_object_probs(logits.clone())
+    assert direct.shape == plain.shape == (3, 2, 9, 11)
+    assert torch.allclose(direct, plain, atol=2e-6, rtol=1e-5)
+    assert torch.equal(direct.argmax(-3), plain.argmax(-3))
 
 
 @pytest.mark.parametrize("size", [(75, 133), (96, 160)])

@@ -7,6 +7,7 @@ import torch
 
 from napari_stm.core.engine import PropagationConfig, SharedFrame, Tracker, step_trackers
 from napari_stm.core.runtime import Runtime
+from napari_stm.core.step import MANY_OBJECTS
 from napari_stm.core.weights import load_model
 from napari_stm.synthetic import make_clip
 
@@ -254,3 +255,30 @@ def test_trackers_of_different_motion_read_in_one_call_and_equal_each_alone():
             _assert_as_alone(want, got)
     finally:
         del together[0].runtime.segment
+
+
+def test_many_one_object_trackers_take_probabilities_from_logits_and_equal_each_alone():
+    # From MANY_OBJECTS one-object trackers a call on stm-lite asks the network for logits
+    # and forms the probabilities from them (readout.one_object_probs): each tracker still
+    # gets what it gets alone.
+    model = load_model("stm-lite", device="cpu")
+    k = MANY_OBJECTS
+    frames, labels = make_clip(3, 96, 128, n_objects=k, seed=4, occlusion=False)
+    assert len(np.unique(labels[0])) == k + 1
+    alone = _trackers(model, frames, labels, k)
+    together = _trackers(model, frames, labels, k)
+    runtime = together[0].runtime
+    segment, asked = runtime.segment, []
+
+    def recorded(*args, **kwargs):
+        asked.append(kwargs.get("logits", False))
+        return segment(*args, **kwargs)
+
+    runtime.segment = recorded
+    try:
+        for t in range(1, 3):
+            want, got = _step_both(frames[t], alone, together, asked)
+            assert asked == [True]
+            _assert_as_alone(want, got)
+    finally:
+        del runtime.segment

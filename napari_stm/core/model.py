@@ -72,6 +72,11 @@ class VOSNetwork(nn.Module):
     #: object its own motion prior, one frame): trackers whose measured motion differs then
     #: read in one call
     object_priors: bool = False
+    #: whether :meth:`segment` also takes ``logits=True`` (each object's logit instead of its
+    #: probability; what training differentiates): many one-object trackers stepped together
+    #: then form their probabilities straight from the logits
+    #: (:func:`~napari_stm.core.readout.one_object_probs`)
+    segments_logits: bool = False
 
     def encode_query(self, image: Tensor) -> QueryFeatures:
         """Encode a query frame [1, 3, H, W]."""

@@ -25,7 +25,13 @@ import torch
 from torch import Tensor
 
 from napari_stm.core.model import QueryFeatures
-from napari_stm.core.readout import MotionPrior, ObjectPriors, aggregate_probs, soft_aggregate
+from napari_stm.core.readout import (
+    MotionPrior,
+    ObjectPriors,
+    aggregate_probs,
+    one_object_probs,
+    soft_aggregate,
+)
 
 #: From this many objects in one network call a frame takes the engine's many-object shortcuts:
 #: the aggregation straight to probabilities (:func:`~napari_stm.core.readout.aggregate_probs`),
@@ -134,12 +140,24 @@ def step(
             assert image is not None, "a step needs an image or its query features"
             query = net.encode_query(image)
         read = memory(query)
+        # Many one-object trackers (a CVAT request): probabilities straight from the logits.
+        direct = (
+            not logits
+            and groups >= MANY_OBJECTS
+            and read.values.shape[-3] == groups
+            and not extra_slots
+            and (active is None or bool(active.all()))
+            and getattr(getattr(net, "model", net), "segments_logits", False)
+        )
         # The memory goes in as stored: the read converts it (readout.memory_read).
-        if logits:
+        if logits or direct:
             obj = net.segment(query, read.keys, read.values, read.top_k, read.prior, logits=True)
         else:
             obj = net.segment(query, read.keys, read.values, read.top_k, read.prior)
     obj = obj.float()
+    if direct:
+        probs = one_object_probs(obj.unflatten(-3, (groups, 1)))
+        return StepOutput(None, probs, query, read, many_objects=True)
     n = obj.shape[-3]
     if active is not None:
         assert not logits, "inactive objects are zeroed as probabilities, not logits"
