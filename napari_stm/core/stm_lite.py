@@ -347,7 +347,8 @@ class STMLite(VOSNetwork):
         if groups == 1:
             others = (masks4.sum(dim=1, keepdim=True) - masks4).clamp(0, 1)
         elif alone:
-            others = torch.zeros_like(masks4)  # what the sum below gives, in one pass
+            # What the sum below gives, allocated nowhere: only windows of it are cut.
+            others = masks4.new_zeros(()).expand_as(masks4)
         else:
             each = masks4.unflatten(1, (groups, -1))
             others = (each.sum(dim=2, keepdim=True) - each).clamp(0, 1).flatten(1, 2)
@@ -582,8 +583,8 @@ class STMLite(VOSNetwork):
             wins, idx = group.windows, group.objects
             values = enc(
                 crops.gather(image, wins, 16),
-                crops.gather(masks[idx][:, None], wins, 16),
-                crops.gather(others[idx][:, None], wins, 16),
+                crops.gather(masks[:, None], wins, 16, idx),
+                crops.gather(others[:, None], wins, 16, idx),
                 crops.gather(f8, wins, 2),
                 crops.gather(f16, wins, 1),
                 crops.gather(stem, wins, 8),
