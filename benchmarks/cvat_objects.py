@@ -17,6 +17,11 @@ prints each round's ratio to one object and their median: on a shared machine th
 time alone drifts by a quarter between runs, and a K-object run next to its own one-object
 run shares that run's conditions.
 
+``--interleave`` starts every object count's sessions first, then makes their continue calls
+one after the other frame by frame (the order turning each frame) and prints each frame's
+ratio to the first count: each K-object call then has one-object calls right beside it, where
+``--rounds`` runs a whole count before the next (this machine's speed drifts within minutes).
+
 ``--tolerance`` also compares, over the same frames, the trackers stepped as both paths step
 them (shared network calls: ``step_trackers``, asked one at a time with the rest computed
 ahead, as the agent does) with each tracker stepped on its own (``Tracker.step``): the largest
@@ -29,6 +34,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -45,6 +51,9 @@ def main() -> None:
     parser.add_argument("--path", nargs="+", choices=["nuclio", "agent"], default=["nuclio"])
     parser.add_argument("--tolerance", action="store_true", help="batched against alone")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the object counts")
+    parser.add_argument(
+        "--interleave", action="store_true", help="object counts' calls frame by frame"
+    )
     args = parser.parse_args()
 
     import torch
@@ -61,6 +70,9 @@ def main() -> None:
         f"model {name}, {args.resolution} ({width}x{height}), {args.threads} thread(s), "
         f"median of {args.frames} continue calls"
     )
+    if args.interleave:
+        _interleaved(args, model, width, height)
+        return
     tolerances: list[tuple] = []
     ratios: dict[tuple, list[float]] = {}
     for r in range(args.rounds):
@@ -85,14 +97,6 @@ def _round(
 ) -> None:
     """One pass over the object counts: a table, each count's ratio added to ``ratios``
     (``tolerances``: where to add the ``--tolerance`` check, None to skip it)."""
-    from cvat_sdk.masks import encode_mask
-
-    from cvat_function.limits import Limits
-    from cvat_function.nuclio.model_handler import ModelHandler
-    from cvat_function.sessions import MemorySessionStore
-    from napari_stm.bench import SyntheticVideo
-    from napari_stm.core.engine import PropagationConfig
-
     print(
         "| path | objects | shared query | start ms | ms per frame (cpu ms) | ms per object "
         "| x one object (by cpu ms) |"
@@ -100,10 +104,7 @@ def _round(
     print("|---|---|---|---|---|---|---|")
     base: dict[tuple, float] = {}
     for k in args.objects:
-        video = SyntheticVideo(args.frames + 1, height, width, k, args.seed)
-        labels = video.labels(0)
-        shapes = [{"type": "mask", "points": encode_mask(labels == i)} for i in range(1, k + 1)]
-        images = [_b64(video[t]) for t in range(args.frames + 1)]
+        video, shapes, images = _inputs(args, width, height, k)
         if args.tolerance and tolerances is not None:
             tolerances.append((k, *_tolerance(model, video, k, args.frames)))
         if "agent" in args.path:
@@ -114,30 +115,94 @@ def _round(
         if "nuclio" not in args.path:
             continue
         for shared in modes:
-            handler = ModelHandler(
-                model,
-                PropagationConfig(),
-                MemorySessionStore(max_sessions=4 * k, max_bytes=1 << 40),
-                limits=Limits(max_objects=max(128, k)),
-            )
-            handler.share_query = shared
-            t0 = time.perf_counter()
-            status, reply = handler.handle({"image": images[0], "shapes": shapes})
-            start = 1000 * (time.perf_counter() - t0)
-            assert status == 200, reply
-            states, times, cpus = reply["states"], [], []
-            for t in range(1, args.frames + 1):
-                body = json.dumps({"image": images[t], "shapes": [None] * k, "states": states})
-                t0, c0 = time.perf_counter(), time.process_time()
-                status, reply = handler.handle(body.encode())
-                times.append(time.perf_counter() - t0)
-                cpus.append(time.process_time() - c0)
-                assert status == 200, reply
-                states = reply["states"]
+            start, step = _nuclio_runner(model, images, shapes, shared)
+            times, cpus = zip(*(step(t) for t in range(1, args.frames + 1)), strict=True)
             ms, cpu = 1000 * float(np.median(times)), 1000 * float(np.median(cpus))
             path = ("nuclio", "shared" if shared else "own query")
             ratios.setdefault((path, k), []).append(
                 _row(base, path, k, "yes" if shared else "no", start, ms, cpu)
+            )
+
+
+def _inputs(args, width: int, height: int, k: int) -> tuple:
+    """The bench video of ``k`` objects: (video, its first frame's shapes, JPEG frames)."""
+    from cvat_sdk.masks import encode_mask
+
+    from napari_stm.bench import SyntheticVideo
+
+    video = SyntheticVideo(args.frames + 1, height, width, k, args.seed)
+    labels = video.labels(0)
+    shapes = [{"type": "mask", "points": encode_mask(labels == i)} for i in range(1, k + 1)]
+    return video, shapes, [_b64(video[t]) for t in range(args.frames + 1)]
+
+
+def _nuclio_runner(model, images: list[str], shapes: list[dict], shared: bool) -> tuple:
+    """The Nuclio handler started on ``images[0]`` with ``shapes``: (the start request's ms, a
+    function that makes the continue call on ``images[t]`` and returns its wall and processor
+    seconds)."""
+    from cvat_function.limits import Limits
+    from cvat_function.nuclio.model_handler import ModelHandler
+    from cvat_function.sessions import MemorySessionStore
+    from napari_stm.core.engine import PropagationConfig
+
+    k = len(shapes)
+    handler = ModelHandler(
+        model,
+        PropagationConfig(),
+        MemorySessionStore(max_sessions=4 * k, max_bytes=1 << 40),
+        limits=Limits(max_objects=max(128, k)),
+    )
+    handler.share_query = shared
+    t0 = time.perf_counter()
+    status, reply = handler.handle({"image": images[0], "shapes": shapes})
+    start = 1000 * (time.perf_counter() - t0)
+    assert status == 200, reply
+    states = reply["states"]
+
+    def step(t: int) -> tuple[float, float]:
+        nonlocal states
+        body = json.dumps({"image": images[t], "shapes": [None] * k, "states": states})
+        t0, c0 = time.perf_counter(), time.process_time()
+        status, reply = handler.handle(body.encode())
+        took = (time.perf_counter() - t0, time.process_time() - c0)
+        assert status == 200, reply
+        states = reply["states"]
+        return took
+
+    return start, step
+
+
+def _interleaved(args, model, width: int, height: int) -> None:
+    """``--interleave``: every object count's continue calls one after the other, frame by
+    frame (the order turning each frame), so that each K-object call has one-object calls
+    beside it under the same conditions; each frame's ratio to the first count."""
+    runners: dict[tuple, dict[int, Callable]] = {}
+    for k in args.objects:
+        _, shapes, images = _inputs(args, width, height, k)
+        if "agent" in args.path:
+            runners.setdefault(("agent",), {})[k] = _agent_runner(model, images, shapes)[1]
+        if "nuclio" in args.path:
+            runners.setdefault(("nuclio", "shared"), {})[k] = _nuclio_runner(
+                model, images, shapes, True
+            )[1]
+    calls = [(path, k) for path, by_k in runners.items() for k in by_k]
+    times: dict[tuple, list[float]] = {c: [] for c in calls}
+    for t in range(1, args.frames + 1):
+        turn = t % len(calls)
+        for path, k in calls[turn:] + calls[:turn]:
+            times[(path, k)].append(runners[path][k](t)[0])
+    print("\ncalls interleaved frame by frame: ms a frame, and x the first count in each frame")
+    print("| path | objects | median ms | min-max ms | x one object, median | min-max |")
+    print("|---|---|---|---|---|---|")
+    for path, by_k in runners.items():
+        first = np.array(times[(path, min(by_k))])
+        for k in by_k:
+            ms = 1000 * np.array(times[(path, k)])
+            x = ms / (1000 * first)
+            print(
+                f"| {' '.join(path)} | {k} | {np.median(ms):.0f} | {ms.min():.0f}-{ms.max():.0f} "
+                f"| {np.median(x):.1f} | {x.min():.1f}-{x.max():.1f} |",
+                flush=True,
             )
 
 
@@ -181,9 +246,18 @@ def _row(
 
 
 def _agent(model, images: list[str], shapes: list[dict]) -> tuple[float, float, float]:
-    """The agent function driven as cvat-cli's agent drives it (``agent_driver_tracking``:
-    one ``preprocess_image`` per request, then one call per shape, in order): the start
-    request's ms and the median continue request's ms and processor ms."""
+    """The agent function driven as cvat-cli's agent drives it: the start request's ms and
+    the median continue request's ms and processor ms."""
+    start, step = _agent_runner(model, images, shapes)
+    times, cpus = zip(*(step(t) for t in range(1, len(images))), strict=True)
+    return start, 1000 * float(np.median(times)), 1000 * float(np.median(cpus))
+
+
+def _agent_runner(model, images: list[str], shapes: list[dict]) -> tuple:
+    """The agent function started as cvat-cli's agent starts it (``agent_driver_tracking``:
+    one ``preprocess_image`` per request, then one call per shape, in order): (the start
+    request's ms, a function that makes the continue request on ``images[t]`` and returns its
+    wall and processor seconds)."""
     import base64
     import io
 
@@ -213,15 +287,15 @@ def _agent(model, images: list[str], shapes: list[dict]) -> tuple[float, float, 
         for shape in shapes
     ]
     start = 1000 * (time.perf_counter() - t0)
-    times, cpus = [], []
-    for image in pil[1:]:
+
+    def step(t: int) -> tuple[float, float]:
         t0, c0 = time.perf_counter(), time.process_time()
-        pp = function.preprocess_image(Context(), image)
+        pp = function.preprocess_image(Context(), pil[t])
         for state in states:
             function.track(ShapeContext(), pp, state)
-        times.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    return start, 1000 * float(np.median(times)), 1000 * float(np.median(cpus))
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    return start, step
 
 
 def _b64(frame: np.ndarray) -> str:
