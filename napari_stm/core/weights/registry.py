@@ -185,7 +185,7 @@ register(
         "frames (masks keep their size over long time-lapses); weights for non-commercial "
         "research use",
         weights="weights/stm_lite_cells.pth",
-        sha256="b859741d44a178f0c50784ccc54f1dcfa3102877120c5cb409c08f99dd0bc7f0",
+        sha256="a96b9ce643dd824b4c065276680294a911ba898e6c8a8f72d97b707ac807afe3",
         # Its microscopy crops showed cells 16-96 pixels across. Working-size sweep on the
         # training halves of both time-lapses (docs/model_card.md): HeLa's 128-pixel cells
         # J 0.56 at 512 a side, 0.72-0.73 at 192-256 (48-64 px); SIM+ nuclei J 0.81 at 30-40 px,
