@@ -285,18 +285,22 @@ def test_explain_errors(tiny_model, clip):
         prop.explain(3, H, 5)
 
 
-def test_explain_between_two_references_never_reads_the_far_end(tiny_model, clip):
+def test_explain_between_two_references_shows_what_each_side_read(tiny_model, clip):
     video, gt = clip
     prop, results = propagate(tiny_model, video, {0: gt[0], 6: gt[6], 12: gt[12]}, direction="both")
     labels = {r.t: r.labels for r in results}
-    ys, xs = np.nonzero(labels[9] == 2)
-    ex = prop.explain(9, int(ys[0]), int(xs[0]))
-    # one side of the stretch 6..12 reads reference 6 and what the forward side memorised
-    # before it, the other reference 12 and its own frames; neither reads the other's end
-    assert 6 in ex.frames or 12 in ex.frames
-    assert not (6 in ex.frames and 12 in ex.frames)
-    assert ex.weights.sum() == pytest.approx(1.0)
-    assert ex.object == 2
+    sides = {t: prop._backward[t].tolist() for t in range(7, 12)}
+    forward = next(t for t, s in sides.items() if s[1] == 0.0)
+    backward = next(t for t, s in sides.items() if s[1] == 1.0)
+    # The forward side of the stretch 6..12 reads reference 6 and what it memorised before it,
+    # never the far end 12; the backward side from 12 reads 12 and the references the forward
+    # side holds on reaching 6 (0 and 6): the object's pixel shows the side it came from.
+    for t, want, never in ((forward, {6}, {12}), (backward, {0, 6, 12}, set())):
+        ys, xs = np.nonzero(labels[t] == 2)
+        ex = prop.explain(t, int(ys[len(ys) // 2]), int(xs[len(xs) // 2]))
+        assert want <= set(ex.frames) and not never & set(ex.frames)
+        assert ex.weights.sum() == pytest.approx(1.0)
+        assert ex.object == 2
 
 
 def test_frames_after_the_last_reference_keep_the_memory_before_it(tiny_model, clip):
