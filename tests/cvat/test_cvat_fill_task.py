@@ -88,8 +88,9 @@ def test_fill_task_end_to_end(clip, token, capsys):
         ]
         with capsys.disabled():
             print("\nfill-task IoU car", np.round(car_iou, 2), "person", np.round(person_iou, 2))
-        # Annotated at both ends: measured 0.735 since each side reads only its own reference
-        # (core/fuse.py, #17); 0.818 before, when the person lost 0.1 to the car-only end.
+        # Annotated at both ends: measured 0.818 since the backward side also reads the first
+        # reference (core/plan.py Pass.reads, #17); 0.735 while each side read only its own,
+        # 0.818 before that, when every pass read both and the person lost 0.1 to it.
         assert np.mean(car_iou) > 0.7
         assert np.mean(person_iou) > 0.6  # forward only (measured 0.72)
 
