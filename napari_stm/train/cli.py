@@ -10,6 +10,7 @@ Every source is optional except that stage 2 needs videos; given sources are mix
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import time
@@ -190,7 +191,7 @@ def build_dataset(args: argparse.Namespace, crop: int):  # noqa: ANN201 - a torc
 
 def run(args: argparse.Namespace) -> int:
     from napari_stm.core.weights import resolve_device
-    from napari_stm.train.loop import Trainer, seconds_per_step
+    from napari_stm.train.loop import TrainConfig, Trainer, seconds_per_step
 
     started = time.monotonic()
     if args.threads is not None:
@@ -212,14 +213,35 @@ def run(args: argparse.Namespace) -> int:
             )
         if args.minutes <= 0:
             raise InputError(f"--minutes must be positive, got {args.minutes}")
-    config = _config(args, device)
+    config = TrainConfig(
+        out=str(args.out),
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup=args.warmup,
+        bootstrap=args.bootstrap,
+        finetune_encoder=args.finetune_encoder,
+        objects=args.objects,
+        seed=args.seed,
+        device=str(device),
+        amp=not args.no_amp,
+        workers=args.workers,
+        log_every=args.log_every,
+        save_every=args.save_every,
+        init=args.init,
+        motion_probability=args.motion_prior,
+        backbone=args.backbone,
+    )
+    stop_at = None
     if args.minutes is not None:
+        stop_at = started + 60 * args.minutes
         per_step = seconds_per_step(config, build_dataset(args, crop))
-        left = 60 * args.minutes - (time.monotonic() - started)
         # A margin for checkpoints, the loss curve and the workers' restart.
-        planned = max(1, int(0.92 * left / per_step))
+        planned = max(1, int(0.92 * (stop_at - time.monotonic()) / per_step))
+        # The dataset below is built from args: its gap curriculum follows the planned length.
         args.iterations = min(args.iterations, planned)
-        config = _config(args, device)
+        config = dataclasses.replace(config, iterations=args.iterations)
         print(
             f"--minutes {args.minutes:g}: {per_step:.3f} s a step measured here -> "
             f"--iterations {args.iterations}",
@@ -240,7 +262,6 @@ def run(args: argparse.Namespace) -> int:
 
     trainer = Trainer(config, dataset, progress=progress)
     try:
-        stop_at = None if args.minutes is None else started + 60 * args.minutes
         weights = trainer.run(resume=args.resume, stop_at=stop_at)
     except FloatingPointError as err:
         print(f"napari-stm train: error: {err}", file=sys.stderr)
@@ -255,31 +276,6 @@ def run(args: argparse.Namespace) -> int:
         weights = export
     print(f"weights: {weights}  (log: {Path(args.out) / 'log.csv'})")
     return 0
-
-
-def _config(args: argparse.Namespace, device: torch.device):  # noqa: ANN202 - a TrainConfig
-    from napari_stm.train.loop import TrainConfig
-
-    return TrainConfig(
-        out=str(args.out),
-        iterations=args.iterations,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup=args.warmup,
-        bootstrap=args.bootstrap,
-        finetune_encoder=args.finetune_encoder,
-        objects=args.objects,
-        seed=args.seed,
-        device=str(device),
-        amp=not args.no_amp,
-        workers=args.workers,
-        log_every=args.log_every,
-        save_every=args.save_every,
-        init=args.init,
-        motion_probability=args.motion_prior,
-        backbone=args.backbone,
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
