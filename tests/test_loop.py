@@ -213,6 +213,39 @@ def test_fusion_takes_each_object_from_the_surer_side(tiny_model, clip):
     assert int((cls == 1).sum()) == 400 and int((cls == 2).sum()) == 600
 
 
+def test_frames_taken_wholly_from_the_forward_side_are_its_own_guess(tiny_model, clip):
+    # A correction on a later frame must leave the frames before it exactly as they were
+    # wherever the fusion takes every object from the forward side: the merge hands that side
+    # on untouched (it used to rebuild the background as prod(1 - p_k) on every fused frame,
+    # and the forward pass memorised that; ctc-sim-01's left half, correction on frame 28:
+    # frames 1-14, all taken from the forward side, each lost about 0.003 J).
+    video, gt = clip
+    _, alone = propagate(tiny_model, video, {0: gt[0]}, direction="both")
+    prop, fused = propagate(tiny_model, video, {0: gt[0], T - 1: gt[T - 1]}, direction="both")
+    first = min([t for t in range(1, T - 1) if prop._backward[t].any()], default=T - 1)
+    assert first > 2  # the test needs frames that take only the forward side
+    for a, b in zip(alone[1:first], fused[1:first], strict=True):
+        assert a.t == b.t
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
+        assert a.confidence == pytest.approx(b.confidence, abs=1e-6)
+
+
+def test_the_merge_hands_on_a_side_taken_whole_and_rescales_the_rest():
+    torch.manual_seed(0)
+    forward = torch.rand(4, 8, 8).softmax(0)
+    backward = torch.rand(4, 8, 8).softmax(0)
+    torch.testing.assert_close(fuse.merge(forward, backward, torch.zeros(3)), forward)
+    torch.testing.assert_close(fuse.merge(forward, backward, torch.ones(3)), backward)
+    take = torch.tensor([0.0, 1.0, 0.0])
+    merged = fuse.merge(forward, backward, take)
+    torch.testing.assert_close(merged.sum(0), torch.ones(8, 8))
+    # the taken object is the backward side's; the forward side's others keep their ratios
+    torch.testing.assert_close(merged[2], backward[2])
+    torch.testing.assert_close(merged[1] / merged[0], forward[1] / forward[0])
+    torch.testing.assert_close(merged[3] / merged[0], forward[3] / forward[0])
+
+
 def test_the_nearer_side_is_kept_unless_the_farther_is_clearly_surer():
     # A side far from its reference, already wrong, can score as high as the nearer one: the
     # farther side wins only by more than NEAR_MARGIN.

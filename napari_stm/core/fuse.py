@@ -20,7 +20,6 @@ more than the margin; docs/architecture.md has the measurements that chose it.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 #: how much surer (in expected Jaccard) the farther side must be to be taken over the nearer
@@ -36,10 +35,19 @@ def take_backward(conf_forward: Tensor, conf_backward: Tensor, backward_nearer: 
 
 def merge(forward: Tensor, backward: Tensor, take: Tensor) -> Tensor:
     """Each object's probabilities from ``forward`` or, where ``take`` [N] is 1, ``backward``
-    (both [N+1, H, W], background first), merged as soft aggregation merges objects: objects
-    from different sides may overlap, so the background is prod(1 - p_k) and every pixel is
-    normalised."""
+    (both [N+1, H, W], background first). The objects taken from the backward side replace
+    theirs in the forward side's distribution, and the rest of it (its background and its other
+    objects) is rescaled to fill what they leave of each pixel, so that a side taken whole is
+    handed on exactly: a frame whose objects all come from the forward side is its own guess,
+    as if the later reference were not there. (Rebuilding the background as prod(1 - p_k), as
+    soft aggregation does, changed every fused frame a little, also those the later reference
+    does not change, and the forward pass memorised that: ctc-sim-01, left half, a correct
+    mask on frame 28 lowered frames 1-14 by about 0.003 J each while taking none of their
+    objects from its side.)"""
     w = take.to(forward)[:, None, None]
-    obj = (1 - w) * forward[1:] + w * backward[1:]
-    merged = torch.cat([torch.prod(1 - obj, dim=0, keepdim=True), obj])
+    taken_b = (w * backward[1:]).sum(0)
+    taken_f = (w * forward[1:]).sum(0)
+    rest = (1 - taken_b).clamp_min(0) / (1 - taken_f).clamp_min(1e-6)
+    merged = forward * rest
+    merged[1:] += w * (backward[1:] - merged[1:])
     return merged / merged.sum(0, keepdim=True).clamp_min(1e-6)
