@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from napari_stm.core import crops
+from napari_stm.core import crops, readout
 from napari_stm.core.readout import ObjectPriors, motion_prior, soft_aggregate
 from napari_stm.core.stm_lite import STMLite
 
@@ -278,3 +278,30 @@ def test_calls_reading_one_memory_decode_its_background_once(net):
             assert decoded == [1]
     finally:
         hook.remove()
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_windows_read_sparsely_as_densely(net, monkeypatch, mixed):
+    # Each window reads only the memory positions where its object's values differ from the
+    # background's (readout.window_read); reading every position gives the same answer.
+    image0, masks0 = _scene()
+    image1, _ = _scene(offset=4)
+    grid = (H // 16, W // 16)
+    slow, fast = (motion_prior(torch.tensor([1]), grid, s) for s in (0.05, 0.15))
+    prior = ObjectPriors((slow, fast), (0, 1, 0)) if mixed else slow
+    sparse = readout.window_read
+    sizes: list[tuple[int, int]] = []
+
+    def dense(weights, owner, rows, values, objects, background, background_read, differs):
+        sizes.append((int(differs[objects].sum(dim=1).max()), values.shape[-1]))
+        return torch.bmm(weights[owner[:, None], rows], values[objects].transpose(1, 2))
+
+    with torch.inference_mode():
+        memory = net.encode_memory(image0, masks0, groups=3)  # three one-object trackers
+        keys, values = memory.keys.flatten(2), memory.values.flatten(2)
+        got = net.segment(net.encode_query(image1), keys, values, None, prior)
+        monkeypatch.setattr(readout, "window_read", dense)
+        want = net.segment(net.encode_query(image1), keys, values, None, prior)
+    assert sparse is not readout.window_read and sizes  # the windows ran, and read densely
+    assert all(0 < s < m / 4 for s, m in sizes)  # a few of the memory positions differ
+    assert torch.allclose(got, want, atol=1e-5)

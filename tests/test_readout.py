@@ -93,3 +93,37 @@ def test_motion_prior_shape_mismatch_is_named():
 def test_motion_sigma_is_validated():
     with pytest.raises(InputError, match="motion_sigma"):
         PropagationConfig(motion_sigma=-1)
+
+
+def test_window_read_reads_only_where_values_differ_from_the_background():
+    # stm-lite's windows: objects whose values are the background's except at a few memory
+    # positions, read at a few query positions each, two weight sets (motion priors).
+    g = torch.Generator().manual_seed(5)
+    k, p, m, n, cv = 2, 30, 40, 4, 6
+    weights = torch.softmax(3 * torch.randn(k, p, m, generator=g), dim=-1)
+    background = torch.randn(cv, m, generator=g)
+    values = background.expand(n, cv, m).clone()
+    differs = torch.rand(n, m, generator=g) < 0.2
+    differs[2] = False  # an object equal to the background everywhere
+    values += differs[:, None] * torch.randn(n, cv, m, generator=g)
+    objects = torch.tensor([3, 0, 2])
+    owner = torch.tensor([1, 0, 1])
+    rows = torch.randint(0, p, (3, 7), generator=g)
+    got = readout.window_read(
+        weights, owner, rows, values, objects, background, weights @ background.T, differs
+    )
+    dense = torch.bmm(weights[owner[:, None], rows], values[objects].transpose(1, 2))
+    assert got.shape == (3, 7, cv)
+    assert torch.allclose(got, dense, atol=1e-5)
+    # No object differs anywhere: the background's read at the rows, nothing else.
+    none = readout.window_read(
+        weights,
+        owner,
+        rows,
+        background.expand(n, cv, m),
+        objects,
+        background,
+        weights @ background.T,
+        torch.zeros(n, m, dtype=torch.bool),
+    )
+    assert torch.allclose(none, (weights @ background.T)[owner[:, None], rows], atol=0)

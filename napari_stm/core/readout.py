@@ -209,6 +209,47 @@ def dense_weights(
     return out
 
 
+def window_read(
+    weights: Tensor,
+    owner: Tensor,
+    rows: Tensor,
+    values: Tensor,
+    objects: Tensor,
+    background: Tensor,
+    background_read: Tensor,
+    differs: Tensor,
+) -> Tensor:
+    """``weights[owner[g], rows[g]] @ values[objects[g]].T`` for each window g -> [G, R, Cv]:
+    the read of objects at a few query positions each (stm-lite's windows), from the memory
+    positions where each object's values differ from the ``background``'s only.
+
+    weights [K, P, M] (K weight sets, ``owner`` [G] says each window's), rows [G, R] query
+    positions, values [N, Cv, M], objects [G] (into ``values``), background [Cv, M] (what the
+    objects' values are away from them), ``background_read`` [K, P, Cv] (``weights[k] @
+    background.T``, one whole-frame read a weight set), ``differs`` [N, M] bool (where an
+    object's values are not the background's). With ``v = background + d``, ``d`` zero away
+    from ``differs``, the read is ``background_read[rows] + weights[rows, differs] @ d``: a
+    small object's values differ from an empty mask's at a few dozen memory cells of the
+    756 of each 480p memory frame, so this reads ~10x fewer positions, and its cost stops
+    growing with the memory beyond the background read. Exact in real arithmetic; in
+    float32 the sums run in another order.
+    """
+    g = rows.shape[0]
+    base = background_read[owner[:, None], rows]  # [G, R, Cv]
+    mine = differs[objects]  # [G, M]
+    most = int(mine.sum(dim=1).max()) if g else 0
+    if most == 0:
+        return base
+    # Each window's differing positions first (in memory order), padded to the most of any.
+    at = torch.argsort(mine.to(torch.uint8), dim=1, descending=True, stable=True)[:, :most]
+    valid = mine.gather(1, at)  # [G, S]: False for the padding
+    channels = torch.arange(values.shape[1], device=values.device)
+    diff = values[objects[:, None, None], channels[None, :, None], at[:, None, :]]
+    diff = diff.sub_(background[:, at].transpose(0, 1)).mul_(valid[:, None])  # [G, Cv, S]
+    w = weights[owner[:, None, None], rows[:, :, None], at[:, None, :]]  # [G, R, S]
+    return torch.baddbmm(base, w, diff.transpose(1, 2))
+
+
 def motion_prior(
     gaps: Tensor, grid: tuple[int, int], sigma: float, cap: float = MOTION_CAP
 ) -> MotionPrior:
