@@ -703,7 +703,12 @@ def _background_values(values: Tensor, grid: tuple[int, int]) -> tuple[Tensor, T
     # Exactly: dropping only equal values keeps the read exact in real arithmetic, and on the
     # bench video's 100 objects a tolerance of 1e-6 of the values' magnitude dropped only
     # 0-3% more of the positions that differ (about 35 of a memory frame's 756 each).
-    differs = (values != background).any(dim=1)
+    differs = values.new_empty((n, m), dtype=torch.bool)
+    # A few objects at a time, as the largest difference: `(values != background).any(1)`
+    # took 16 ms for 20 objects of 3 memory frames, this 5 (a smaller temporary, in cache).
+    for start in range(0, n, 4):
+        part = values[start : start + 4] - background
+        differs[start : start + 4] = part.abs_().amax(dim=1) > 0
     return background, differs
 
 
