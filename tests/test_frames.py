@@ -10,6 +10,7 @@ import torch
 
 from napari_stm.core.errors import InputError
 from napari_stm.core.frames import (
+    MAX_FIT_SIDE,
     MIN_FIT_SIDE,
     PERCENTILES,
     FrameReader,
@@ -221,6 +222,14 @@ def test_fit_side_brings_the_objects_to_the_trained_size():
     assert fit_side((512, 2000), 512, 16, huge) == MIN_FIT_SIDE
     assert fit_side((512, 512), 512, 64, np.array([3.0, 4.0])) == 512
     assert fit_side((512, 512), 512, 64, np.array([])) == 512
+    # Small objects at the usual side (24-pixel nuclei in a 1024 frame would be 12 at 512):
+    # a larger side, as large as they need, at most the frame's own size and MAX_FIT_SIDE.
+    small = object_diameters(disc_labels((1024, 1024), 12, 40))
+    assert fit_side((1024, 1024), 512, 56, small) is None  # the frame as it is
+    medium = object_diameters(disc_labels((1024, 1024), 18, 20))
+    assert fit_side((1024, 1024), 512, 56, medium) == pytest.approx(956, abs=25)
+    tiny_in_huge = object_diameters(disc_labels((4096, 4096), 12, 40))
+    assert fit_side((4096, 4096), 512, 56, tiny_in_huge) == MAX_FIT_SIDE
     # Full size asked (side None): fitted from the frame's own side.
     assert fit_side((512, 512), None, 64, big) == 256
     assert fit_side((512, 512), None, 64, nuclei) is None

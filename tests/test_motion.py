@@ -48,15 +48,40 @@ def test_slow_objects_get_the_narrowest_prior_and_tiny_ones_are_ignored():
     assert est.speed == 0.0
 
 
+def test_small_objects_get_a_prior_of_their_own_size():
+    # 8-pixel squares in a 512 frame: 0.4 diameters (about 3.6 pixels) instead of 0.03 x 512.
+    est = MotionEstimate()
+    est.observe(0, square(100, 100, size=512))
+    est.observe(1, square(100, 100, size=512))
+    diameter = np.sqrt(4 * 64 / np.pi) / 512
+    assert est.size == pytest.approx(diameter)
+    assert est.sigma == pytest.approx(motion.SIZE_GAIN * diameter)
+    assert est.sigma < motion.MIN_SIGMA
+    # Speed still widens it, and the size stays that of the first objects seen.
+    est.observe(2, square(100, 120, size=512))
+    assert est.sigma == pytest.approx(motion.GAIN * 20 / 512)
+    est.observe(3, square(100, 120, size=512, side=40))
+    assert est.size == pytest.approx(diameter)
+    # Objects of 7.5% of the frame or more keep MIN_SIGMA (every DAVIS first mask).
+    large = MotionEstimate()
+    large.observe(0, square(10, 10, size=64, side=8))  # 9 pixels across in 64: 14%
+    assert large.sigma == motion.MIN_SIGMA
+
+
 def test_state_round_trip():
     est = MotionEstimate()
     est.observe(0, square(10, 10))
     est.observe(1, square(12, 10))
     again = MotionEstimate()
     again.load_state_dict(est.state_dict())
+    assert again.size == est.size
     for e in (est, again):
         e.observe(2, square(20, 10))
     assert again.speed == est.speed
+    # A state written before the size was kept (a CVAT session across an upgrade) still loads.
+    old = {k: v for k, v in est.state_dict().items() if k != "size"}
+    again.load_state_dict(old)
+    assert again.size is None and again.speed == est.speed
 
 
 def look_alike_cells_iou(model: TinyMatch, motion_sigma: float | None) -> float:
