@@ -52,6 +52,7 @@ def test_small_objects_get_a_prior_of_their_own_size():
     # 8-pixel squares in a 512 frame: 0.4 diameters (about 3.6 pixels) instead of 0.03 x 512.
     est = MotionEstimate()
     est.observe(0, square(100, 100, size=512))
+    assert est.sigma == motion.MIN_SIGMA  # no motion measured yet: it may be fast
     est.observe(1, square(100, 100, size=512))
     diameter = np.sqrt(4 * 64 / np.pi) / 512
     assert est.size == pytest.approx(diameter)

@@ -44,7 +44,7 @@ class MotionEstimate:
     """The tracked objects' speed, measured from one segmented frame to the next."""
 
     def __init__(self, initial: float = MIN_SIGMA) -> None:
-        #: spread used until a first motion is measured (unless the objects' size lowers it)
+        #: spread used until a first motion is measured
         self.initial = initial
         self.speed: float | None = None
         #: median diameter of the first objects seen, a share of the frame's longer side; kept
@@ -63,7 +63,8 @@ class MotionEstimate:
     def sigma(self) -> float:
         """Spread per frame of the motion prior, a share of the frame's longer side."""
         if self.speed is None:
-            return min(self.initial, self.floor)
+            # Until a motion is measured the object may be fast: the size floor waits for it.
+            return self.initial
         return min(MAX_SIGMA, max(self.floor, GAIN * self.speed))
 
     def observe(
