@@ -121,7 +121,7 @@ class Propagator:
         out = []
         for t in sorted(self.references):
             lab = self.references[t]
-            ids = {int(i) for i in np.unique(lab) if i != 0}
+            ids = self._holds(t)
             new = sorted(ids - seen)
             seen |= ids
             if new:
@@ -130,10 +130,7 @@ class Propagator:
 
     @property
     def object_ids(self) -> list[int]:
-        ids: set[int] = set()
-        for lab in self.references.values():
-            ids.update(int(i) for i in np.unique(lab) if i != 0)
-        return sorted(ids)
+        return sorted(set().union(*map(self._holds, self.references)))
 
     def add_reference(self, t: int, labels: Any) -> None:
         """Labels a person drew on frame ``t``: permanent memory, returned exactly as given."""
@@ -393,6 +390,7 @@ class Propagator:
         return t in plan.frames or self._holds(plan.frames[0]) <= self._holds(t)
 
     def _holds(self, t: int) -> set[int]:
+        """The object ids reference ``t`` holds."""
         return {int(i) for i in np.unique(self.references[t]) if i != 0}
 
     def _reader(self, order: list[int]) -> Prefetcher | DirectReader:
