@@ -100,12 +100,12 @@ def fit_side(
     median = float(np.median(big))
     fitted = round(longer * object_side / median)
     if fitted >= cap and median * cap / longer < SMALL_OBJECT_SHARE * object_side:
-        needed = min(round(longer * SMALL_OBJECT_SHARE * object_side / median), MAX_FIT_SIDE)
-        if needed < longer:
-            return needed
-        return None if side and side < longer else side  # the frame as it is
-    fitted = max(min(fitted, cap), min(MIN_FIT_SIDE, cap))
-    return side if fitted >= longer else fitted  # the frame as it is: nothing to shrink
+        fitted = min(round(longer * SMALL_OBJECT_SHARE * object_side / median), MAX_FIT_SIDE)
+    else:
+        fitted = max(min(fitted, cap), min(MIN_FIT_SIDE, cap))
+    if fitted < longer:
+        return fitted
+    return None if side and side < longer else side  # the frame as it is
 
 
 def to_network(x: Tensor, geo: Geometry, mode: str = "bilinear") -> Tensor:
