@@ -230,6 +230,9 @@ def test_fit_side_brings_the_objects_to_the_trained_size():
     assert fit_side((1024, 1024), 512, 56, medium) == pytest.approx(956, abs=25)
     tiny_in_huge = object_diameters(disc_labels((2048, 2048), 12, 40))
     assert fit_side((2048, 2048), 512, 56, tiny_in_huge) == MAX_FIT_SIDE
+    # A network whose usual side is the full frame keeps it: small objects are never shrunk.
+    assert fit_side((2048, 2048), None, 56, tiny_in_huge) is None
+    assert fit_side((2048, 2048), 1536, 56, tiny_in_huge) == 1536
     # Full size asked (side None): fitted from the frame's own side.
     assert fit_side((512, 512), None, 64, big) == 256
     assert fit_side((512, 512), None, 64, nuclei) is None

@@ -100,7 +100,9 @@ def fit_side(
     median = float(np.median(big))
     fitted = round(longer * object_side / median)
     if fitted >= cap and median * cap / longer < SMALL_OBJECT_SHARE * object_side:
-        fitted = min(round(longer * SMALL_OBJECT_SHARE * object_side / median), MAX_FIT_SIDE)
+        # MAX_FIT_SIDE bounds the enlargement, never below the side the frame had anyway.
+        needed = round(longer * SMALL_OBJECT_SHARE * object_side / median)
+        fitted = min(needed, max(MAX_FIT_SIDE, cap))
     else:
         fitted = max(min(fitted, cap), min(MIN_FIT_SIDE, cap))
     if fitted < longer:
