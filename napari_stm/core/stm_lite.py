@@ -643,10 +643,11 @@ def _per_frame(query: QueryFeatures, name: str, make: Callable[[], Tensor]) -> T
 
 #: two background reads (:func:`_background_refined`) are taken as the same read when they
 #: differ by at most this share of their largest magnitude: the background values of two
-#: calls are means of (nearly all) copies of the same empty-mask values over different
-#: objects (measured on the bench video's 100 objects: up to 2.3e-5 of the span between calls
-#: on the same memory, moving the refined logits by up to 3.2e-5; 0.23 and more where the
-#: memory differed)
+#: calls come from different objects' values, which away from the objects are the same
+#: empty-mask values, pasted or computed on a window to float rounding (measured on the bench
+#: video's 100 objects, when the background was still a mean over objects: up to 2.3e-5 of
+#: the span between calls on the same memory, moving the refined logits by up to 3.2e-5; 0.23
+#: and more where the memory differed)
 BACKGROUND_SAME = 1e-4
 
 
