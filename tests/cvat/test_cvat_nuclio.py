@@ -7,6 +7,7 @@ variant is held to 0.55 (measured: 0.75).
 """
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -129,11 +130,8 @@ def _four_shapes(labels):
     ]
 
 
-def test_four_interleaved_sessions_match_one_by_one(model, clip):
-    frames, labels = clip
-    frames = frames[:6]  # 5 tracked frames x 4 sessions, twice
-    shapes = _four_shapes(labels)
-
+def _one_by_one(model, frames, shapes):
+    """Each shape tracked alone in a handler of its own: the replies' shapes, frame by frame."""
     alone = []
     for shape in shapes:
         handler = ModelHandler(model, store=MemorySessionStore())
@@ -147,6 +145,14 @@ def test_four_interleaved_sessions_match_one_by_one(model, clip):
             state = reply["states"][0]
             out.append(reply["shapes"][0])
         alone.append(out)
+    return alone
+
+
+def test_four_interleaved_sessions_match_one_by_one(model, clip):
+    frames, labels = clip
+    frames = frames[:6]  # 5 tracked frames x 4 sessions, twice
+    shapes = _four_shapes(labels)
+    alone = _one_by_one(model, frames, shapes)
 
     # All four in one handler: started together, then stepped in a different order each frame.
     handler = ModelHandler(model, store=MemorySessionStore())
@@ -165,6 +171,43 @@ def test_four_interleaved_sessions_match_one_by_one(model, clip):
             assert status == 200
             states[k] = reply["states"][0]
             together[k].append(reply["shapes"][0])
+    assert together == alone
+
+
+def test_four_concurrent_sessions_match_one_by_one(model, clip):
+    # A server's worker answers several users at once: four threads, each its own session on
+    # one handler, each step released together, must give what each session gives alone.
+    frames, labels = clip
+    frames = frames[:6]
+    shapes = _four_shapes(labels)
+    alone = _one_by_one(model, frames, shapes)
+
+    handler = ModelHandler(model, store=MemorySessionStore())
+    together: list[list] = [[] for _ in shapes]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(shapes))
+
+    def user(k: int) -> None:
+        try:
+            status, reply = handler.handle({"image": b64png(frames[0]), "shapes": [shapes[k]]})
+            assert status == 200, reply
+            state = reply["states"][0]
+            for f in frames[1:]:
+                barrier.wait()
+                status, reply = handler.handle({"image": b64png(f), "states": [state]})
+                assert status == 200, reply
+                state = reply["states"][0]
+                together[k].append(reply["shapes"][0])
+        except BaseException as error:  # reported below: a thread's failure must fail the test
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=user, args=(k,)) for k in range(len(shapes))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
     assert together == alone
 
 
