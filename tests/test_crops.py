@@ -292,9 +292,13 @@ def test_windows_read_sparsely_as_densely(net, monkeypatch, mixed):
     sparse = readout.window_read
     sizes: list[tuple[int, int]] = []
 
-    def dense(weights, owner, rows, values, objects, background, background_read, differs):
+    def dense(weights, owner, rows, values, objects, background, background_read, differs, cols):
         sizes.append((int(differs[objects].sum(dim=1).max()), values.shape[-1]))
-        return torch.bmm(weights[owner[:, None], rows], values[objects].transpose(1, 2))
+        if cols is None:
+            w = weights[owner[:, None], rows]
+        else:  # weight sets side by side, each over its own memory positions
+            w = weights[rows[:, :, None], cols[owner][:, None, :]]
+        return torch.bmm(w, values[objects].transpose(1, 2))
 
     with torch.inference_mode():
         memory = net.encode_memory(image0, masks0, groups=3)  # three one-object trackers
@@ -305,3 +309,47 @@ def test_windows_read_sparsely_as_densely(net, monkeypatch, mixed):
     assert sparse is not readout.window_read and sizes  # the windows ran, and read densely
     assert all(0 < s < m / 4 for s, m in sizes)  # a few of the memory positions differ
     assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_objects_over_different_memories_read_in_one_call(net, share):
+    # ObjectPriors.frames: one-object trackers whose memories diverged (a CVAT request's
+    # trackers admit frames by their own confidence) read in one call over the union of
+    # their memory frames, each object from its own frames with its own prior; each equals
+    # the call of its own memory (the windows too: their reads are exact, and each memory
+    # decodes its own background).
+    image0, masks0 = _scene()
+    image_mid, masks_mid = _scene(offset=2)
+    image1, _ = _scene(offset=4)
+    grid = (H // 16, W // 16)
+    cells = grid[0] * grid[1]
+    decoded: list = []  # whole-frame decodes: the decoder's stride-16 block on the whole grid
+    hook = net.decoder.ResMM.register_forward_hook(
+        lambda _m, _i, out: decoded.append(out.shape[0]) if out.shape[-2:] == grid else None
+    )
+    net.crop_share = share
+    try:
+        with torch.inference_mode():
+            first = net.encode_memory(image0, masks0, groups=3)
+            mid = net.encode_memory(image_mid, masks_mid, groups=3)
+            keys_a, values_a = first.keys.flatten(2), first.values.flatten(2)
+            keys_b = torch.cat([keys_a, mid.keys.flatten(2)], dim=-1)
+            values_b = torch.cat([values_a, mid.values.flatten(2)], dim=-1)
+            prior_a = motion_prior(torch.tensor([2]), grid, 0.05)
+            prior_b = motion_prior(torch.tensor([2, 1]), grid, 0.08)
+            # objects 0, 1 hold frame 0 (memory a); objects 2, 3 frames 0 and 1 (memory b)
+            values = values_a.new_zeros(4, values_a.shape[1], 2 * cells)
+            values[:2, :, :cells] = values_a[[0, 1]]
+            values[2:] = values_b[[1, 2]]
+            both = ObjectPriors((prior_a, prior_b), (0, 0, 1, 1), ((0,), (0, 1)))
+            decoded.clear()
+            got = net.segment(net.encode_query(image1), keys_b, values, None, both)
+            decodes = list(decoded)
+            a = net.segment(net.encode_query(image1), keys_a, values_a[[0, 1]], None, prior_a)
+            b = net.segment(net.encode_query(image1), keys_b, values_b[[1, 2]], None, prior_b)
+    finally:
+        net.crop_share = STMLite.crop_share
+        hook.remove()
+    assert torch.allclose(got, torch.cat([a, b]), atol=1e-5)
+    # windows: one background decode a memory; the exact network: each object on the frame
+    assert decodes == ([1, 1] if share else [4])

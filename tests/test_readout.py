@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from napari_stm.core import readout
 from napari_stm.core.engine import PropagationConfig
 from napari_stm.core.errors import InputError
-from napari_stm.core.readout import memory_read, motion_prior
+from napari_stm.core.readout import dense_weights, memory_read, motion_prior, weight_sets
 
 
 def reference_read(keys, values, query, scale, bias=None, top_k=None):
@@ -127,3 +128,31 @@ def test_window_read_reads_only_where_values_differ_from_the_background():
         torch.zeros(n, m, dtype=torch.bool),
     )
     assert torch.allclose(none, (weights @ background.T)[owner[:, None], rows], atol=0)
+
+
+def test_weight_sets_are_each_sets_dense_weights_over_its_own_positions():
+    # Many one-object trackers' priors (and memories) in one call: every set's weights from
+    # one affinity per chunk of query positions, each equal to its own dense read's weights
+    # over its own memory positions (in its order) and zero elsewhere.
+    torch.manual_seed(0)
+    grid = (12, 20)
+    p = grid[0] * grid[1]
+    keys = F.normalize(torch.randn(1, 16, 3 * p), dim=1)
+    query = F.normalize(torch.randn(1, 16, p), dim=1) * 20
+    three = motion_prior(torch.tensor([1, 2, 3]), grid, 0.05)
+    two = motion_prior(torch.tensor([2, 1]), grid, 0.1)
+    own = torch.cat([torch.arange(2 * p, 3 * p), torch.arange(0, p)])  # frames 2 and 0
+    buffer, sets, columns = weight_sets(keys, query, 1.0, (three, two, None), [None, own, None])
+    assert buffer.shape == (p, 3 * p + 2 * p + 3 * p) and [s.shape[1] for s in sets] == [
+        3 * p,
+        2 * p,
+        3 * p,
+    ]
+    assert torch.allclose(sets[0], dense_weights(keys, query, 1.0, three), atol=1e-7)
+    assert torch.allclose(sets[1], dense_weights(keys[..., own], query, 1.0, two), atol=1e-7)
+    assert torch.allclose(sets[2], dense_weights(keys, query, 1.0), atol=1e-7)
+    # columns: where each memory position lies in the buffer, for the positions a set holds
+    for k, at in enumerate([torch.arange(3 * p), own, torch.arange(3 * p)]):
+        assert torch.equal(buffer[:, columns[k, at]], sets[k])
+    half, halves, _ = weight_sets(keys, query, 1.0, (three, two), [None, own], torch.float16)
+    assert half.dtype == torch.float16 and torch.equal(halves[1], sets[1].half())

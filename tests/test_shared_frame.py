@@ -282,3 +282,33 @@ def test_many_one_object_trackers_take_probabilities_from_logits_and_equal_each_
             _assert_as_alone(want, got)
     finally:
         del runtime.segment
+
+
+def test_trackers_over_other_memories_read_in_one_call_on_stm_lite():
+    # stm-lite takes ObjectPriors over different memory frames: trackers whose memories
+    # differ (here one started a frame later; in a CVAT request, memories the bounded
+    # policy's gate let diverge) read in one call over the union of their frames, each from
+    # its own frames with its own prior, and each equals its tracker alone.
+    model = load_model("stm-lite", device="cpu")
+    frames, labels = make_clip(5, 64, 96, n_objects=3, seed=4, occlusion=False)
+
+    def started() -> list[Tracker]:
+        early = _trackers(model, frames, labels, 2)
+        late = Tracker(model, CPU, keep_sources=False)
+        late.step(frames[1], (labels[1] == 3).astype(np.uint8))
+        for tr in early:
+            tr.step(frames[1])
+        return [*early, late]
+
+    alone, together = started(), started()
+    calls: list = []
+    _count_segments(together[0].runtime, calls)
+    try:
+        for t in range(2, 5):
+            want, got = _step_both(frames[t], alone, together, calls)
+            (early, _), (late, _) = together[0].bank.tensors(), together[2].bank.tensors()
+            assert early.shape != late.shape or not torch.equal(early, late)
+            assert calls == [3]  # one call, not one per memory
+            _assert_as_alone(want, got)
+    finally:
+        del together[0].runtime.segment

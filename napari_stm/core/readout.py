@@ -13,6 +13,7 @@ locally, distant ones (the first reference of a long video) almost by appearance
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -64,10 +65,17 @@ class ObjectPriors:
     with its own prior. Only networks with ``VOSNetwork.object_priors`` take them.
     """
 
-    #: the distinct priors (same query grid and memory frames, different spreads)
-    priors: tuple[MotionPrior, ...]
+    #: the distinct priors (same query grid, different spreads or memory frames; None: no
+    #: motion prior)
+    priors: tuple[MotionPrior | None, ...]
     #: for each object of the read, the index of its prior in ``priors``
     owner: tuple[int, ...]
+    #: for each prior, the memory frames its objects hold, in their own order (indices into
+    #: the read's memory frames, each a query grid of positions), or None: every frame. The
+    #: one-object trackers of a request whose memories diverged (each tracker's policy admits
+    #: and keeps frames by its own confidence) then read in one call over the union of their
+    #: frames, each object from its own frames only (its prior covers those frames).
+    frames: tuple[tuple[int, ...], ...] | None = None
 
     def objects(self, k: int) -> list[int]:
         """The objects that read with ``priors[k]``."""
@@ -78,6 +86,39 @@ class ObjectPriors:
         """The prior most objects read with (the first of equally many)."""
         counts = [self.owner.count(k) for k in range(len(self.priors))]
         return counts.index(max(counts))
+
+    def columns(self, k: int, grid: int, device: torch.device) -> Tensor | None:
+        """The memory positions ``priors[k]`` reads, in its frames' order ([len * grid]
+        indices; ``grid``: positions a memory frame), or None: every position in order."""
+        if self.frames is None:
+            return None
+        frames = torch.tensor(self.frames[k], device=device)
+        return (frames[:, None] * grid + torch.arange(grid, device=device)).flatten()
+
+    def held(self, frames: int, grid: int, device: torch.device) -> Tensor | None:
+        """[N, frames * grid] bool: the memory positions each object holds (None: all)."""
+        if self.frames is None:
+            return None
+        own = torch.zeros(len(self.priors), frames, dtype=torch.bool, device=device)
+        for k, fs in enumerate(self.frames):
+            own[k, list(fs)] = True
+        owner = torch.tensor(self.owner, device=device)
+        return own[owner].repeat_interleave(grid, dim=1)
+
+    def memories(self) -> list[tuple[int, list[int]]]:
+        """The distinct memories (sets of frames) of the read, the most held first: for each,
+        the prior most of its objects read with (the first of equally many) and its objects."""
+        if self.frames is None:
+            return [(self.main, list(range(len(self.owner))))]
+        sets: dict[frozenset[int], list[int]] = {}
+        for k, fs in enumerate(self.frames):
+            sets.setdefault(frozenset(fs), []).append(k)
+        out = []
+        for ks in sets.values():
+            objects = [i for i, o in enumerate(self.owner) if o in ks]
+            counts = [self.owner.count(k) for k in ks]
+            out.append((ks[counts.index(max(counts))], objects))
+        return sorted(out, key=lambda m: -len(m[1]))
 
 
 def memory_read(
@@ -209,6 +250,61 @@ def dense_weights(
     return out
 
 
+def weight_sets(
+    mem_keys: Tensor,
+    query_key: Tensor,
+    scale: float,
+    priors: tuple[MotionPrior | None, ...],
+    positions: list[Tensor | None],
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, list[Tensor], Tensor]:
+    """:func:`dense_weights` of each of K weight sets (one a prior of :class:`ObjectPriors`),
+    set k with ``priors[k]`` over the memory positions ``positions[k]`` (in that order; None:
+    all), in ``dtype``: all sets side by side, [P, C]; each set's part, [P, M_k] (views of
+    it); and ``columns`` [K, M], where memory position m is in set k's part (as
+    :func:`window_read` takes them; 0 where set k does not hold it).
+
+    The affinity of a chunk of query positions is computed once for every set (the one-object
+    trackers of a CVAT request each measure their own motion: 20 trackers of a call, 20
+    priors), and each set's softmax is written straight into its part of the buffer (stacking
+    20 sets afterwards copied 90 MB a call); a set over a few of the memory frames (trackers
+    whose memories diverged, read over the union of their frames) costs only its own.
+    """
+    keys = mem_keys[0].float()
+    query = query_key[0].float()
+    p, m = query.shape[-1], keys.shape[-1]
+    device = keys.device
+    widths = [m if at is None else len(at) for at in positions]
+    buffer = keys.new_empty(p, sum(widths))
+    columns = torch.zeros(len(priors), m, dtype=torch.long, device=device)
+    sets, start = [], 0
+    for k, (at, width) in enumerate(zip(positions, widths, strict=True)):
+        sets.append(buffer[:, start : start + width])
+        own = torch.arange(start, start + width, device=device)
+        if at is None:
+            columns[k] = own
+        else:
+            columns[k, at] = own
+        start += width
+    step = QUERY_CHUNK if query.device.type == "cpu" else max(1, CHUNK_ELEMENTS // max(1, m))
+    with torch.autocast(query_key.device.type, enabled=False):
+        for start in range(0, p, step):
+            stop = min(p, start + step)
+            aff = (query[:, start:stop].T @ keys).mul_(scale)
+            for prior, at, out in zip(priors, positions, sets, strict=True):
+                own = aff if at is None else aff[:, at]
+                if prior is not None:
+                    own = prior.bias(start, stop).add_(own)
+                elif at is None:
+                    own = own.clone()
+                out[start:stop] = torch.softmax(_floored(own), dim=1)
+    if dtype != buffer.dtype:
+        buffer = buffer.to(dtype)
+        starts = [0, *itertools.accumulate(widths)]
+        sets = [buffer[:, a:b] for a, b in itertools.pairwise(starts)]
+    return buffer, sets, columns
+
+
 def window_read(
     weights: Tensor,
     owner: Tensor,
@@ -218,6 +314,7 @@ def window_read(
     background: Tensor,
     background_read: Tensor,
     differs: Tensor,
+    columns: Tensor | None = None,
 ) -> Tensor:
     """``weights[owner[g], rows[g]] @ values[objects[g]].T`` for each window g -> [G, R, Cv]:
     the read of objects at a few query positions each (stm-lite's windows), from the memory
@@ -233,6 +330,11 @@ def window_read(
     756 of each 480p memory frame, so this reads ~10x fewer positions, and its cost stops
     growing with the memory beyond the background read. Exact in real arithmetic; in
     float32 the sums run in another order.
+
+    ``columns`` [K, M] (weight sets over their own memory positions, :func:`weight_sets`):
+    ``weights`` is then [P, C], every set's columns side by side, and ``columns[k, m]`` the
+    column of memory position m in set k's part (any where set k holds nothing: its objects'
+    values never differ from the background there).
     """
     g = rows.shape[0]
     base = background_read[owner[:, None], rows]  # [G, R, Cv]
@@ -246,7 +348,10 @@ def window_read(
     channels = torch.arange(values.shape[1], device=values.device)
     diff = values[objects[:, None, None], channels[None, :, None], at[:, None, :]]
     diff = diff.sub_(background[:, at].transpose(0, 1)).mul_(valid[:, None])  # [G, Cv, S]
-    w = weights[owner[:, None, None], rows[:, :, None], at[:, None, :]]  # [G, R, S]
+    if columns is None:
+        w = weights[owner[:, None, None], rows[:, :, None], at[:, None, :]]  # [G, R, S]
+    else:
+        w = weights[rows[:, :, None], columns[owner[:, None], at][:, None, :]]
     return torch.baddbmm(base, w, diff.transpose(1, 2))
 
 

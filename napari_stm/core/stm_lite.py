@@ -414,7 +414,11 @@ class STMLite(VOSNetwork):
             read = reader.new_empty(1, n, values.shape[2], h * w)
             for k, own in enumerate(prior.priors):
                 idx = prior.objects(k)
-                read[0, idx] = memory_read(keys, values[0, idx], reader, top_k, 1.0, own)
+                at = prior.columns(k, h * w, keys.device)
+                k_own, v_own = keys, values[0, idx]
+                if at is not None:  # its own memory frames only
+                    k_own, v_own = keys[..., at], v_own[..., at]
+                read[0, idx] = memory_read(k_own, v_own, reader, top_k, 1.0, own)
         elif out is None:
             read = torch.stack(
                 [
@@ -458,36 +462,44 @@ class STMLite(VOSNetwork):
         one channel per object) stays each object's own everywhere.
 
         :class:`ObjectPriors`: each object's soft mask, window and whole-frame read are read
-        with its own prior's weights; the background read, with the prior most objects have
-        (one whole-frame decode, not one per prior). For the others that is one more
+        with its own prior's weights (over its own memory frames, ``ObjectPriors.frames``);
+        the background read of each distinct memory, with the prior most of its objects have
+        (one whole-frame decode a memory, not one per prior). For the others that is one more
         approximation outside their windows (docs/performance.md measures it).
         """
         dec = self.decoder
         f16 = query.extra["f16"]
         h, w = query.key.shape[-2:]
         n, cv, m = values.shape
+        sets = isinstance(prior, ObjectPriors)
         if isinstance(prior, ObjectPriors):
-            weights_of = [
-                dense_weights(keys, reader, 1.0, own).to(values.dtype) for own in prior.priors
-            ]  # [P, M] each
-            weights = weights_of[prior.main]
+            cols = [prior.columns(k, h * w, keys.device) for k in range(len(prior.priors))]
+            # [P, M_k] each, over its own memory positions (views of one buffer)
+            stacked, weights_of, columns = readout.weight_sets(
+                keys, reader, 1.0, prior.priors, cols, values.dtype
+            )
         else:
-            weights = dense_weights(keys, reader, 1.0, prior).to(values.dtype)  # [P, M]
+            cols, columns = [None], None
+            weights_of = [dense_weights(keys, reader, 1.0, prior).to(values.dtype)]  # [P, M]
+        weights = weights_of[0]
 
-        def read_with(wk: Tensor, idx: list[int], last: bool = False) -> Tensor:
+        def own(k: int, v: Tensor) -> Tensor:  # [..., M] -> set k's memory positions
+            return v if cols[k] is None else v[..., cols[k]]
+
+        def read_with(k: int, idx: list[int], last: bool = False) -> Tensor:
             v = values[idx, -1] if last else values[idx].reshape(len(idx) * cv, m)
-            return (wk @ v.T).T.reshape(len(idx), 1 if last else cv, h, w)
+            return (weights_of[k] @ own(k, v).T).T.reshape(len(idx), 1 if last else cv, h, w)
 
         def read(idx: list[int], last: bool = False) -> Tensor:
             """Objects ``idx`` read everywhere (``last``: their soft mask only), each with its
             own prior's weights."""
             if not isinstance(prior, ObjectPriors):
-                return read_with(weights, idx, last)
+                return read_with(0, idx, last)
             out = None
-            for k, wk in enumerate(weights_of):
+            for k in range(len(weights_of)):
                 at = [j for j, i in enumerate(idx) if prior.owner[i] == k]
                 if at:
-                    part = read_with(wk, [idx[j] for j in at], last)
+                    part = read_with(k, [idx[j] for j in at], last)
                     if out is None:
                         out = part.new_empty(len(idx), *part.shape[1:])
                     out[at] = part
@@ -504,33 +516,56 @@ class STMLite(VOSNetwork):
         if not plan.cropped:
             return dec(read(list(range(n))).to(reader.dtype), f16, skip8, skip4, n)
         frame = _per_frame(query, "frame16", lambda: dec.frame(f16))
-        bg_values, differs = _background_values(values, (h, w))  # [Cv, M], [N, M]
-        bg_read = weights @ bg_values.T  # [P, Cv]
-        background = bg_read.T.reshape(1, cv, h, w).to(reader.dtype)
+        held = prior.held(m // (h * w), h * w, keys.device) if sets else None
+        bg_values, differs = _background_values(values, (h, w), held)  # [Cv, M], [N, M]
 
-        def refine() -> Tensor:
+        def background_read(k: int) -> Tensor:  # [P, Cv]
+            return weights_of[k] @ own(k, bg_values).T
+
+        # One background decode per distinct memory, read with its objects' main prior.
+        memories = prior.memories() if isinstance(prior, ObjectPriors) else [(0, list(range(n)))]
+        bg_read_of = {k: background_read(k) for k, _ in memories}
+
+        def refine(background: Tensor) -> Tensor:
             refined = dec.objects(background, frame, skip8, skip4)
             return refined - dec.prior_logit(background, refined.shape[-2:], refined.dtype)
 
-        refined = _background_refined(query, background, refine)
-        out = dec.prior_logit(coverage, (4 * h, 4 * w), frame.dtype) + refined.to(frame.dtype)
+        refined = _background_refined(
+            query,
+            [bg_read_of[k].T.reshape(1, cv, h, w).to(reader.dtype) for k, _ in memories],
+            refine,
+        )
+        out = dec.prior_logit(coverage, (4 * h, 4 * w), frame.dtype)
+        if len(memories) == 1:
+            out += refined[0].to(frame.dtype)
+        else:
+            for (_, objects), part in zip(memories, refined, strict=True):
+                index = torch.tensor(objects, device=out.device)
+                out.index_add_(0, index, part.to(out.dtype).expand(len(objects), -1, -1, -1))
         if plan.full:
             full = read(plan.full).to(reader.dtype)
             out[plan.full] = dec.objects(full, frame, skip8, skip4).to(out.dtype)
-        # Each window reads with its object's weights: [K, P, M] and their background reads.
+        # Each window reads with its object's weights [K, P, M] and their background reads,
+        # [K, P, Cv]: a set's whole-frame read where it is a memory's (decoded above), else
+        # only at its windows' positions (a fifth of the frame, and most sets are one tracker's).
         if isinstance(prior, ObjectPriors):
             owners = prior.owner
-            stacked = torch.stack(weights_of)
-            windowed = {prior.owner[i] for group in plan.groups for i in group.objects}
-            bg_reads = torch.stack(
-                [
-                    bg_read if k == prior.main or k not in windowed else wk @ bg_values.T
-                    for k, wk in enumerate(weights_of)
-                ]
-            )
+            first = bg_read_of[memories[0][0]]
+            bg_reads = first[None].repeat(len(weights_of), 1, 1)
+            for k, part in bg_read_of.items():
+                bg_reads[k] = part
+            rows_of: dict[int, list[Tensor]] = {}
+            for group in plan.groups:
+                for i, win in zip(group.objects, group.windows, strict=True):
+                    if prior.owner[i] not in bg_read_of:
+                        rows_of.setdefault(prior.owner[i], []).append(crops.positions(win, w))
+            for k, rows in rows_of.items():
+                at = torch.cat(rows).unique().to(keys.device)
+                bg_reads[k, at] = weights_of[k][at] @ own(k, bg_values).T
         else:
             owners = (0,) * n
-            stacked, bg_reads = weights[None], bg_read[None]
+            bg_reads = bg_read_of[0][None]
+            stacked = weights[None]
         device = weights.device
         for group in plan.groups:
             wins = group.windows
@@ -545,6 +580,7 @@ class STMLite(VOSNetwork):
                 bg_values,
                 bg_reads,
                 differs,
+                columns,
             )  # [G, wh*ww, Cv]
             window_read = window_read.transpose(1, 2).reshape(len(wins), cv, wh, ww)
             logits = dec.objects(
@@ -652,55 +688,76 @@ BACKGROUND_SAME = 1e-4
 
 
 def _background_refined(
-    query: QueryFeatures, background: Tensor, make: Callable[[], Tensor]
-) -> Tensor:
-    """``make()``: the decoder's refinement of the background read ``background`` [1, Cv,
-    h, w], which every object of a call shares outside its window (one whole-frame decode),
-    reused by the frame's next call when its background read is the same to float rounding.
+    query: QueryFeatures, backgrounds: list[Tensor], make: Callable[[Tensor], Tensor]
+) -> list[Tensor]:
+    """``make(b)`` for each background read ``b`` [1, Cv, h, w] of a call (one a distinct
+    memory): the decoder's refinement of it, which the call's objects of that memory share
+    outside their windows (one whole-frame decode), reused by the frame's next call when one
+    of its background reads is the same to float rounding.
 
     The calls of one CVAT request read the same memory frames with the same weights, and
     their objects' values outside the objects are the same empty mask's, so their background
     reads differ by float rounding only; without this each bounded call (five for 100
     objects) decoded the whole frame once more. Kept on the query features like
-    :func:`_per_frame` (the last background only: a request's calls come one after the other)."""
+    :func:`_per_frame` (the last call's backgrounds only: a request's calls come one after
+    the other, its trackers ordered by memory)."""
     if torch.is_grad_enabled():
-        return make()
+        return [make(b) for b in backgrounds]
     name = f"stm_lite.background.{torch.is_autocast_enabled(query.key.device.type)}"
-    read, refined = query.extra.get(name + ".read"), query.extra.get(name + ".refined")
-    if (
-        read is not None
-        and refined is not None
-        and read.shape == background.shape
+    kept = []
+    while f"{name}.read.{len(kept)}" in query.extra:
+        i = len(kept)
+        kept.append((query.extra.pop(f"{name}.read.{i}"), query.extra.pop(f"{name}.refined.{i}")))
+    out = []
+    for background in backgrounds:
+        same = (refined for read, refined in kept if _same_background(read, background))
+        out.append(next(same, None))
+        if out[-1] is None:
+            out[-1] = make(background)
+    for i, (background, refined) in enumerate(zip(backgrounds, out, strict=True)):
+        query.extra[f"{name}.read.{i}"], query.extra[f"{name}.refined.{i}"] = background, refined
+    return out
+
+
+def _same_background(read: Tensor, background: Tensor) -> bool:
+    return (
+        read.shape == background.shape
         and read.dtype == background.dtype
         and float((read - background).abs().max()) <= BACKGROUND_SAME * float(read.abs().max())
-    ):
-        return refined
-    refined = make()
-    query.extra[name + ".read"], query.extra[name + ".refined"] = background, refined
-    return refined
+    )
 
 
-def _background_values(values: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+def _background_values(
+    values: Tensor, grid: tuple[int, int], held: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """What an empty mask's memory values are, [Cv, M], from the objects' values [N, Cv, M],
     and where each object's values differ from them, [N, M] bool.
 
     At each memory position the background is the value of the first object not within
     ENCODE_REACH cells of it (its value there is the empty mask's: pasted by
     :meth:`STMLite._encode_cropped`, or computed on a window to float rounding); the mean
-    over all objects where every object is near."""
+    over all objects where every object is near. ``held`` [N, M] bool: the positions each
+    object's memory holds (objects over different memory frames, :class:`ObjectPriors`);
+    only those count, and an object never differs where it holds nothing."""
     n, cv, m = values.shape
     h, w = grid
     cover = values[:, -1].reshape(-1, 1, h, w) > BACKGROUND_COVERAGE
     reach = 2 * ENCODE_REACH + 1
     near = F.max_pool2d(cover.to(values.dtype), reach, stride=1, padding=ENCODE_REACH)
     far = near.reshape(n, m) == 0
+    if held is not None:
+        far &= held
     # One object's copy, not a mean: copies of one value are then equal to it bit for bit,
     # and the mean's pass over every object's values (70 ms a 100-object frame) is saved.
     first = far.to(torch.uint8).argmax(dim=0)  # the first far object at each position
     background = values[first, :, torch.arange(m, device=values.device)].T  # [Cv, M]
     somewhere = far.any(dim=0)
     if not bool(somewhere.all()):
-        background = torch.where(somewhere, background, values.mean(dim=0))
+        if held is None:
+            mean = values.mean(dim=0)
+        else:
+            mean = (values * held[:, None]).sum(dim=0) / held.sum(dim=0).clamp(min=1)
+        background = torch.where(somewhere, background, mean)
     # Exactly: dropping only equal values keeps the read exact in real arithmetic, and on the
     # bench video's 100 objects a tolerance of 1e-6 of the values' magnitude dropped only
     # 0-3% more of the positions that differ (about 35 of a memory frame's 756 each).
@@ -710,6 +767,8 @@ def _background_values(values: Tensor, grid: tuple[int, int]) -> tuple[Tensor, T
     for start in range(0, n, 4):
         part = values[start : start + 4] - background
         differs[start : start + 4] = part.abs_().amax(dim=1) > 0
+    if held is not None:
+        differs &= held
     return background, differs
 
 

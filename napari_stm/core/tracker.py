@@ -727,7 +727,8 @@ def _plan(
         inputs.append((key, image, query))
     flush_trackers(trackers)
     plans: list[_Plan | None] = [None] * len(trackers)
-    groups: list[tuple[tuple, list[tuple[int, Read]]]] = []
+    # Trackers that read alike (one signature), by memory (equal keys): (index, read, gaps).
+    groups: list[tuple[tuple, list[list[tuple[int, Read, tuple | None]]]]] = []
     for i, (tr, t) in enumerate(zip(trackers, times, strict=True)):
         key, image, query = inputs[i]
         tr._flush_pending()
@@ -743,19 +744,36 @@ def _plan(
             # measured motion read in one call.
             sigma = "own"
         gaps = None if read.times is None else tuple(abs(t - s) for s in read.times)
-        like = (key, n, tr.policy.extra_slots(n), read.top_k, sigma, gaps)
-        for signature, members in groups:
-            if signature == like and _same_keys(members[0][1].keys, read.keys):
-                members.append((i, read))
+        # A network taking ObjectPriors reads trackers over different memory frames in one
+        # call too (their union, each object from its own frames): a request's trackers'
+        # memories diverge as each tracker's policy admits and keeps frames by itself.
+        union = getattr(tr.model, "object_priors", False)
+        like = (key, n, tr.policy.extra_slots(n), read.top_k, sigma, None if union else gaps)
+        member = (i, read, gaps)
+        for signature, memories in groups:
+            if signature != like:
+                continue
+            same = (m for m in memories if _same_keys(m[0][1].keys, read.keys))
+            memory = next(same, None)
+            if memory is not None:
+                memory.append(member)
+                break
+            if union:
+                memories.append([member])
                 break
         else:
-            groups.append((like, [(i, read)]))
-    for _, group in groups:
-        _, image, query = inputs[group[0][0]]  # one frame key per group: one image and query
-        for members in _chunks(group, len(trackers[group[0][0]].object_ids), image):
-            index = [i for i, _ in members]
-            reads = [r for _, r in members]
-            outs = _step_together([trackers[i] for i in index], reads, image, query)
+            groups.append((like, [[member]]))
+    for _, memories in groups:
+        # The most held memory first: a bounded call then holds as few memories as it can.
+        memories.sort(key=len, reverse=True)
+        group = [(m, which) for which, memory in enumerate(memories) for m in memory]
+        first = group[0][0][0]
+        _, image, query = inputs[first]  # one frame key per group: one image and query
+        for members in _chunks(group, len(trackers[first].object_ids), image):
+            index = [i for (i, _, _), _ in members]
+            reads = [r for (_, r, _), _ in members]
+            alike = [(which, gaps) for (_, _, gaps), which in members]
+            outs = _step_together([trackers[i] for i in index], reads, image, query, alike)
             for i, out in zip(index, outs, strict=True):
                 plans[i] = _Plan(trackers[i].revision, times[i], inputs[i][1], out)
     assert all(plan is not None for plan in plans)
@@ -824,14 +842,25 @@ def _same_keys(a: Tensor, b: Tensor) -> bool:
 
 
 def _step_together(
-    trackers: list[Tracker], reads: list[Read], image: Tensor, query: QueryFeatures
+    trackers: list[Tracker],
+    reads: list[Read],
+    image: Tensor,
+    query: QueryFeatures,
+    alike: list[tuple[int, tuple | None]] | None = None,
 ) -> list[StepOutput]:
-    """One step for trackers with the same memory keys and read settings (see
-    :func:`step_trackers`): their memory values side by side, one network call."""
+    """One step for trackers with the same read settings (see :func:`step_trackers`): their
+    memory values side by side, one network call. ``alike``: each tracker's memory (trackers
+    of one memory hold equal keys) and gaps to its memory frames; over several memories (a
+    network taking :class:`ObjectPriors`), the call reads the union of their frames."""
     first = trackers[0]
     n = len(first.object_ids)
     read = reads[0]
-    if len(trackers) > 1:
+    if len(trackers) > 1 and alike is not None and len({m for m, _ in alike}) > 1:
+        grid = query.key.shape[-2] * query.key.shape[-1]
+        keys, values, frames = _union(reads, [m for m, _ in alike], grid)
+        prior = _priors(trackers, reads, frames, [g for _, g in alike])
+        read = Read(keys, values, read.top_k, prior)
+    elif len(trackers) > 1:
         values = torch.cat([r.values for r in reads], dim=0)
         read = Read(read.keys, values, read.top_k, _priors(trackers, reads), read.times)
     out = step(
@@ -862,18 +891,66 @@ def _step_together(
     ]
 
 
-def _priors(trackers: list[Tracker], reads: list[Read]) -> MotionPrior | ObjectPriors | None:
+def _union(
+    reads: list[Read], memories: list[int], grid: int
+) -> tuple[Tensor, Tensor, list[tuple[int, ...]]]:
+    """Reads over different memory frames as one: the keys of their distinct memory frames
+    [1, Ck, F * grid] (``grid``: positions a frame), each read's values at its frames' places
+    [sum N, Cv, F * grid] (zero where it holds none; the network reads each object from its
+    own frames only) and each read's frames, in its order. ``memories``: which reads hold
+    equal keys (their frames are found once)."""
+    blocks: list[Tensor] = []
+    found: dict[int, tuple[int, ...]] = {}
+    for read, memory in zip(reads, memories, strict=True):
+        if memory in found:
+            continue
+        own = []
+        for block in read.keys.split(grid, dim=-1):
+            j = next((j for j, b in enumerate(blocks) if _same_keys(b, block)), len(blocks))
+            if j == len(blocks):
+                blocks.append(block)
+            own.append(j)
+        found[memory] = tuple(own)
+    keys = torch.cat(blocks, dim=-1)
+    frames = [found[m] for m in memories]
+    n, cv = reads[0].values.shape[-3:-1]
+    values = reads[0].values.new_zeros((len(reads) * n, cv, keys.shape[-1]))
+    cells = torch.arange(grid, device=keys.device)
+    for k, (read, own) in enumerate(zip(reads, frames, strict=True)):
+        at = (torch.tensor(own, device=keys.device)[:, None] * grid + cells).flatten()
+        values[k * n : (k + 1) * n].index_copy_(2, at, read.values)
+    return keys, values, frames
+
+
+def _priors(
+    trackers: list[Tracker],
+    reads: list[Read],
+    frames: list[tuple[int, ...]] | None = None,
+    gaps: list[tuple | None] | None = None,
+) -> MotionPrior | ObjectPriors | None:
     """The motion prior of trackers read in one call: theirs, or where their measured motion
-    differs (a network with ``object_priors``), each tracker's objects their own."""
+    differs (a network with ``object_priors``), each tracker's objects their own; over the
+    union of different memories (``frames``: each read's, ``gaps``: to each of them), each
+    tracker's objects their own prior over their own frames."""
     sigmas = [
         tr.motion_sigma if r.prior is not None else None
         for tr, r in zip(trackers, reads, strict=True)
     ]
+    n = len(trackers[0].object_ids)
+    if frames is not None:
+        assert gaps is not None
+        sets = [
+            (own, None if r.prior is None else g, s)
+            for own, r, g, s in zip(frames, reads, gaps, sigmas, strict=True)
+        ]
+        kinds = list(dict.fromkeys(sets))
+        owner = tuple(kinds.index(s) for s in sets for _ in range(n))
+        priors = tuple(reads[sets.index(s)].prior for s in kinds)
+        return ObjectPriors(priors, owner, tuple(s[0] for s in kinds))
     distinct = list(dict.fromkeys(sigmas))
     if len(distinct) == 1:
         return reads[0].prior
     priors = [reads[sigmas.index(s)].prior for s in distinct]
     assert all(p is not None for p in priors), "trackers with and without a prior"
-    n = len(trackers[0].object_ids)
     owner = tuple(distinct.index(s) for s in sigmas for _ in range(n))
     return ObjectPriors(tuple(p for p in priors if p is not None), owner)
