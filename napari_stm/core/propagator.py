@@ -31,7 +31,7 @@ from napari_stm.core.explain import (
     unpack_masks,
 )
 from napari_stm.core.frames import FrameReader, Geometry, check_labels
-from napari_stm.core.fuse import merge, take_backward
+from napari_stm.core.fuse import agreement, merge, take_backward
 from napari_stm.core.model import MemoryEntry, VOSNetwork
 from napari_stm.core.plan import Pass, affected, check_range, plan_passes, reach
 from napari_stm.core.policy import make_policy
@@ -431,13 +431,14 @@ class Propagator:
             # The class maximum of the step's own probabilities, computed once for the read
             # record, the labels and the confidence (many objects; fused probabilities differ).
             top = out.top() if tracker.many_objects else None
+            memo = probs
             if plan.mode == "store":
                 assert stored is not None
                 stored[t - lo] = (probs * 255).round().to(torch.uint8).cpu().numpy()
                 self._stored_conf[t] = frame_confidence(probs, self.geo, top).cpu()
             elif plan.mode == "fused":
                 assert stored is not None
-                probs = self._fuse(t, probs, stored, plan.span)
+                probs, memo = self._fuse(t, probs, stored, plan.span)
                 top = None
             else:
                 self._backward.pop(t, None)
@@ -445,10 +446,10 @@ class Propagator:
             self._reads[kind][t] = ReadRecord(
                 out.read.times or [], sigma, *pack_labels(probs, None if top is None else top[1])
             )
-            # What the forward side memorises is what it yields: per object one side's guess
-            # (core/fuse.py), never a blend of the two. This is how the far reference of a
-            # stretch reaches the forward pass: it never reads it.
-            tracker.remember(t, image, probs, out.query)
+            # What the forward side memorises: per object one side's guess, never a blend of
+            # the two (core/fuse.py); its own where the two sides agree. This is how the far
+            # reference of a stretch reaches the forward pass: it never reads it.
+            tracker.remember(t, image, memo, out.query)
             if plan.mode != "store":
                 yield tracker.result(t, probs, tracked, top)
 
@@ -462,16 +463,22 @@ class Propagator:
             torch.tensor([i in self.references[b] for i in ids]),
         )
 
-    def _fuse(self, t: int, forward: Tensor, stored: np.ndarray, span: tuple[int, int]) -> Tensor:
-        """Frame ``t`` between references ``span``: each object from one side, the nearer
-        unless the farther is clearly surer (core/fuse.py); an object drawn on only one of the
-        two references from that side. Every fused frame goes through here."""
+    def _fuse(
+        self, t: int, forward: Tensor, stored: np.ndarray, span: tuple[int, int]
+    ) -> tuple[Tensor, Tensor]:
+        """Frame ``t`` between references ``span``: what it yields and what the forward side
+        memorises. Each object from one side, the nearer unless the farther is clearly surer,
+        or, where the two sides agree on it, their mean, of which the forward side memorises
+        its own guess (core/fuse.py); an object drawn on only one of the two references from
+        that side. Every fused frame goes through here."""
         a, b = span
         backward = torch.from_numpy(np.asarray(stored[t - a - 1])).to(forward) / 255.0
         c_fwd = frame_confidence(forward, self.geo).cpu()
-        take = take_backward(c_fwd, self._stored_conf[t], backward_nearer=b - t < t - a)
+        agree = agreement(forward, backward).cpu()
+        take = take_backward(c_fwd, self._stored_conf[t], b - t < t - a, agree)
         fwd, back = self._sides(span)
         take[back & ~fwd] = 1.0
         take[fwd & ~back] = 0.0
         self._backward[t] = take.clone()
-        return merge(forward, backward, take)
+        remembered = torch.where(take == 0.5, 0.0, take)
+        return merge(forward, backward, take), merge(forward, backward, remembered)
