@@ -2,8 +2,9 @@
 
 Between references a and b the engine has two guesses of every frame: the forward side (a
 pass from a, reading a) and the backward side (a pass from b, reading b and the references up
-to a; core/plan.py ``Pass.reads``). Each object comes from one side, never a blend of the two: a
-blend of two weak masks is a weaker one, and the forward pass memorises what it yields.
+to a; core/plan.py ``Pass.reads``). Each object comes from one side, or, where the two sides
+agree on it, is their mean (below); never a blend of two sides that disagree: a blend of two
+weak masks is a weaker one, and the forward pass memorises what it takes.
 
 Which side: the nearer one, unless the farther one is surer of the object (its confidence,
 core/quality.py) by more than :data:`NEAR_MARGIN`. The confidence ranks a pass's frames well

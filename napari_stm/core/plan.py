@@ -4,7 +4,7 @@ A pass is one tracker walking frames in order from a reference. ``forward`` is o
 first reference to the end of the range, ``backward`` one pass from the last reference back to
 its start; ``both`` walks outwards from the outer references and, between two references, first
 backwards (its probabilities stored) and then forwards, taking each object from one side
-(core/fuse.py). A pass reads the references among its own frames (:attr:`Pass.reads`): a
+or both (core/fuse.py). A pass reads the references among its own frames (:attr:`Pass.reads`): a
 stretch's forward side reads the reference it starts from, and the other end reaches its frames
 through the fusion; the backward side also reads the references up to the stretch's first. In
 ``both`` one forward side walks on from the first reference to the end

@@ -3,8 +3,9 @@
 The :class:`Propagator` asks the planner (core/plan.py) which passes a direction needs, runs one
 :class:`~napari_stm.core.tracker.Tracker` per pass with the references that pass reads, reads
 frames (ahead, when configured) and, between two references, takes each object from one side
-(core/fuse.py). Progress and cancellation are per frame. Each computed frame leaves a small
-record of its read, from which :meth:`Propagator.explain` rebuilds where a pixel came from.
+or, where the two agree on it, their mean (core/fuse.py). Progress and cancellation are per
+frame. Each computed frame leaves a small record of its read, from which
+:meth:`Propagator.explain` rebuilds where a pixel came from.
 """
 
 from __future__ import annotations
