@@ -366,6 +366,33 @@ def test_explain_between_two_references_shows_what_each_side_read(tiny_model, cl
         assert ex.object == 2
 
 
+def test_explain_an_object_both_sides_found_shows_both_reads_halved(tiny_model, clip):
+    # Where the two sides agree on an object the frame shows their mean: the pixel's read is
+    # half the forward side's and half the backward side's (it showed the forward one only).
+    video, gt = clip
+    prop, results = propagate(tiny_model, video, {0: gt[0], 6: gt[6], 12: gt[12]}, direction="both")
+    labels = {r.t: r.labels for r in results}
+    t = next(t for t in range(7, 12) if prop._backward[t][1] == 0.5)
+    ys, xs = np.nonzero(labels[t] == 2)
+    y, x = int(ys[len(ys) // 2]), int(xs[len(xs) // 2])
+    mean = prop.explain(t, y, x)
+    agreed = prop._backward[t].clone()
+    sides = {}
+    for share in (0.0, 1.0):
+        prop._backward[t] = agreed.clone()
+        prop._backward[t][1] = share
+        sides[share] = prop.explain(t, y, x)
+    prop._backward[t] = agreed
+    assert 12 in mean.frames and 12 not in sides[0.0].frames and 12 in sides[1.0].frames
+    assert mean.weights.sum() == pytest.approx(1.0)
+    assert mean.object == 2
+    for i, m in enumerate(mean.frames):
+        halves = [
+            ex.heatmaps[ex.frames.index(m)] if m in ex.frames else 0.0 for ex in sides.values()
+        ]
+        np.testing.assert_allclose(mean.heatmaps[i], 0.5 * halves[0] + 0.5 * halves[1], atol=1e-6)
+
+
 def test_frames_after_the_last_reference_keep_the_memory_before_it(tiny_model, clip):
     # The forward side walks on past the last reference: what it memorised before it stays.
     video, gt = clip

@@ -219,11 +219,46 @@ class Propagator:
         cx = (pos % grid[1]) * pw // grid[1] + pw // grid[1] // 2
         here = [k for k in range(n) if masks[k, min(ph - 1, cy), min(pw - 1, cx)] > 0]
         obj = here[0] if here else None
+        # Between two references an object came from the forward side (0), the backward
+        # side (1) or, where both found it, their mean (0.5): explain each read it came from,
+        # weighed as the frame took it.
         back = self._backward.get(t)
-        if back is not None and obj is not None and float(back[obj]) > 0.5:
-            # This object came from the backward side of the stretch: explain that read.
-            kind = "store"
-            record = self._reads[kind][t]
+        share_back = 0.0 if back is None or obj is None else float(back[obj])
+        sides = [(kind, 1.0 - share_back), ("store", share_back)]
+        mixed: dict[int, Tensor] = {}
+        for side, weight in sides:
+            if weight == 0.0:
+                continue
+            read = self._reads[side][t]
+            for m, cells in self._side_read(side, t, read, query, pos, obj, grid):
+                # a frame both sides read (a reference), or one read twice, counts once
+                mixed[m] = mixed[m] + weight * cells if m in mixed else weight * cells
+        frames = sorted(mixed)
+        per_frame = torch.stack([mixed[m] for m in frames])
+        share = per_frame.sum(1).double()
+        return Explanation(
+            t,
+            int(y),
+            int(x),
+            frames,
+            (share / share.sum()).cpu().numpy(),
+            heatmaps(per_frame.flatten(), len(frames), grid, self.geo),
+            None if obj is None else self.object_ids[obj],
+        )
+
+    def _side_read(
+        self,
+        kind: str,
+        t: int,
+        record: ReadRecord,
+        query: Any,
+        pos: int,
+        obj: int | None,
+        grid: tuple[int, int],
+    ) -> list[tuple[int, Tensor]]:
+        """The read one side (``kind``: "yield" or "store") made at memory position ``pos`` of
+        frame ``t``, rebuilt from its record: (memory frame, [cells] weights) in its order."""
+        n = len(self.object_ids)
         keys = []
         for m in record.memory:
             if m in self._entries:
@@ -247,19 +282,8 @@ class Propagator:
             weights = weights[obj] if obj is not None else weights.mean(0)
         else:
             weights = weights[0]
-        f = len(record.memory)
-        order = sorted(range(f), key=lambda i: record.memory[i])
-        per_frame = weights.reshape(f, -1)[order]
-        share = per_frame.sum(1).double()
-        return Explanation(
-            t,
-            int(y),
-            int(x),
-            [record.memory[i] for i in order],
-            (share / share.sum()).cpu().numpy(),
-            heatmaps(per_frame.flatten(), f, grid, self.geo),
-            None if obj is None else self.object_ids[obj],
-        )
+        cells = weights.reshape(len(record.memory), -1)
+        return list(zip(record.memory, cells, strict=True))
 
     # -- running ------------------------------------------------------------------------------
     def reach(
