@@ -230,7 +230,7 @@ class Propagator:
             if weight == 0.0:
                 continue
             read = self._reads[side][t]
-            for m, cells in self._side_read(side, t, read, query, pos, obj, grid):
+            for m, cells in self._side_read(side, t, read, query, pos, obj, n, grid):
                 # a frame both sides read (a reference), or one read twice, counts once
                 mixed[m] = mixed[m] + weight * cells if m in mixed else weight * cells
         frames = sorted(mixed)
@@ -254,11 +254,12 @@ class Propagator:
         query: Any,
         pos: int,
         obj: int | None,
+        n: int,
         grid: tuple[int, int],
     ) -> list[tuple[int, Tensor]]:
         """The read one side (``kind``: "yield" or "store") made at memory position ``pos`` of
-        frame ``t``, rebuilt from its record: (memory frame, [cells] weights) in its order."""
-        n = len(self.object_ids)
+        frame ``t`` (``n`` objects), rebuilt from its record: (memory frame, [cells] weights)
+        in its order."""
         keys = []
         for m in record.memory:
             if m in self._entries:
@@ -505,5 +506,8 @@ class Propagator:
         take[back & ~fwd] = 1.0
         take[fwd & ~back] = 0.0
         self._backward[t] = take.clone()
-        remembered = torch.where(take == 0.5, 0.0, take)
-        return merge(forward, backward, take), merge(forward, backward, remembered)
+        merged = merge(forward, backward, take)
+        agreed = take == 0.5
+        if not bool(agreed.any()):
+            return merged, merged  # nothing yielded as a mean: memorised as yielded
+        return merged, merge(forward, backward, torch.where(agreed, 0.0, take))

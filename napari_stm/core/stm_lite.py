@@ -412,9 +412,9 @@ class STMLite(VOSNetwork):
             out = self._segment_windows(query, keys, values[0], reader, prior, skip8, skip4)
         if out is None and isinstance(prior, ObjectPriors):
             read = reader.new_empty(1, n, values.shape[2], h * w)
-            for k, own in enumerate(prior.priors):
+            columns = prior.columns(h * w, keys.device)
+            for k, (own, at) in enumerate(zip(prior.priors, columns, strict=True)):
                 idx = prior.objects(k)
-                at = prior.columns(h * w, keys.device)[k]
                 k_own, v_own = keys, values[0, idx]
                 if at is not None:  # its own memory frames only
                     k_own, v_own = keys[..., at], v_own[..., at]
@@ -471,7 +471,6 @@ class STMLite(VOSNetwork):
         f16 = query.extra["f16"]
         h, w = query.key.shape[-2:]
         n, cv, m = values.shape
-        sets = isinstance(prior, ObjectPriors)
         if isinstance(prior, ObjectPriors):
             cols = prior.columns(h * w, keys.device)
             # [P, M_k] each, over its own memory positions (views of one buffer)
@@ -516,7 +515,11 @@ class STMLite(VOSNetwork):
         if not plan.cropped:
             return dec(read(list(range(n))).to(reader.dtype), f16, skip8, skip4, n)
         frame = _per_frame(query, "frame16", lambda: dec.frame(f16))
-        held = prior.held(m // (h * w), h * w, keys.device) if sets else None
+        held = (
+            prior.held(m // (h * w), h * w, keys.device)
+            if isinstance(prior, ObjectPriors)
+            else None
+        )
         bg_values, differs = _background_values(values, (h, w), held)  # [Cv, M], [N, M]
 
         bg_own: dict[int, Tensor] = {}  # the background at each memory's positions
