@@ -292,12 +292,14 @@ def test_windows_read_sparsely_as_densely(net, monkeypatch, mixed):
     sparse = readout.window_read
     sizes: list[tuple[int, int]] = []
 
-    def dense(weights, owner, rows, values, objects, background, background_read, differs, cols):
+    def dense(
+        weights, owner, rows, values, objects, background, background_read, differs, cols, at
+    ):
         sizes.append((int(differs[objects].sum(dim=1).max()), values.shape[-1]))
         if cols is None:
             w = weights[owner[:, None], rows]
-        else:  # weight sets side by side, each over its own memory positions
-            w = weights[rows[:, :, None], cols[owner][:, None, :]]
+        else:  # each set's rows, each over its own memory positions (window g's: at[g])
+            w = weights[at[:, :, None], cols[owner][:, None, :]]
         return torch.bmm(w, values[objects].transpose(1, 2))
 
     with torch.inference_mode():

@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from napari_stm.core import readout
 from napari_stm.core.engine import PropagationConfig
 from napari_stm.core.errors import InputError
-from napari_stm.core.readout import dense_weights, memory_read, motion_prior, weight_sets
+from napari_stm.core.readout import (
+    WeightSets,
+    _band,
+    dense_weights,
+    memory_read,
+    motion_prior,
+)
 
 
 def reference_read(keys, values, query, scale, bias=None, top_k=None):
@@ -132,27 +138,44 @@ def test_window_read_reads_only_where_values_differ_from_the_background():
 
 def test_weight_sets_are_each_sets_dense_weights_over_its_own_positions():
     # Many one-object trackers' priors (and memories) in one call: every set's weights from
-    # one affinity per chunk of query positions, each equal to its own dense read's weights
-    # over its own memory positions (in its order) and zero elsewhere.
+    # its memory's shared softmax terms and its prior's band (or its own dense softmax where
+    # the band is wide), each equal to its own dense read's weights over its own memory
+    # positions (in its order); rows and reads equal the dense weights' rows and products.
     torch.manual_seed(0)
     grid = (12, 20)
     p = grid[0] * grid[1]
-    keys = F.normalize(torch.randn(1, 16, 3 * p), dim=1)
-    query = F.normalize(torch.randn(1, 16, p), dim=1) * 20
-    three = motion_prior(torch.tensor([1, 2, 3]), grid, 0.05)
-    two = motion_prior(torch.tensor([2, 1]), grid, 0.1)
+    keys = F.normalize(torch.randn(1, 16, 3 * p), dim=1) * 3
+    query = F.normalize(torch.randn(1, 16, p), dim=1) * 3
+    three = motion_prior(torch.tensor([1, 2, 3]), grid, 0.02)
+    two = motion_prior(torch.tensor([2, 1]), grid, 0.03)
+    wide = motion_prior(torch.tensor([1, 2, 3]), grid, 0.15)
     own = torch.cat([torch.arange(2 * p, 3 * p), torch.arange(0, p)])  # frames 2 and 0
-    buffer, sets, columns = weight_sets(keys, query, 1.0, (three, two, None), [None, own, None])
-    assert buffer.shape == (p, 3 * p + 2 * p + 3 * p) and [s.shape[1] for s in sets] == [
-        3 * p,
-        2 * p,
-        3 * p,
+    priors = (three, two, None, wide)
+    every = torch.arange(3 * p)  # another memory over the same frames: its own band
+    positions = [None, own, None, every]
+    # The first memory's band is narrow; the last's covers most of every frame (dense).
+    assert _band([three, None], 3 * p) is not None and _band([wide], 3 * p) is None
+    sets = WeightSets(keys, query, 1.0, priors, positions)
+    expected = [
+        dense_weights(keys, query, 1.0, three),
+        dense_weights(keys[..., own], query, 1.0, two),
+        dense_weights(keys, query, 1.0),
+        dense_weights(keys, query, 1.0, wide),
     ]
-    assert torch.allclose(sets[0], dense_weights(keys, query, 1.0, three), atol=1e-7)
-    assert torch.allclose(sets[1], dense_weights(keys[..., own], query, 1.0, two), atol=1e-7)
-    assert torch.allclose(sets[2], dense_weights(keys, query, 1.0), atol=1e-7)
-    # columns: where each memory position lies in the buffer, for the positions a set holds
-    for k, at in enumerate([torch.arange(3 * p), own, torch.arange(3 * p)]):
-        assert torch.equal(buffer[:, columns[k, at]], sets[k])
-    half, halves, _ = weight_sets(keys, query, 1.0, (three, two), [None, own], torch.float16)
-    assert half.dtype == torch.float16 and torch.equal(halves[1], sets[1].half())
+    values = torch.randn(4, 3 * p)
+    at = torch.tensor([0, 5, 77, p - 1])
+    for k, want in enumerate(expected):
+        # Relative: the band's bias is -d^2 / (2 s^2) from integer offsets, the dense one's
+        # an expanded form that rounds terms in the hundreds.
+        assert torch.allclose(sets.dense(k), want, rtol=1e-4, atol=1e-9)
+        assert torch.allclose(sets.rows(k, at), want[at], rtol=1e-4, atol=1e-9)
+        v = values[k] if positions[k] is None else values[k, positions[k]]
+        got = sets.read([k], values[k : k + 1])[0]
+        assert torch.allclose(got, want @ v, rtol=1e-4, atol=1e-5)
+        # columns: where each of the set's memory positions lies among its own
+        held = torch.arange(3 * p) if positions[k] is None else positions[k]
+        assert torch.equal(sets.columns[k, held], torch.arange(len(held)))
+    # Rows over one memory read in one product, each with its own set.
+    both = sets.read([0, 2, 0, 3], values)
+    for i, k in enumerate([0, 2, 0, 3]):
+        assert torch.allclose(both[i], expected[k] @ values[i], rtol=1e-4, atol=1e-5)

@@ -13,7 +13,6 @@ locally, distant ones (the first reference of a long video) almost by appearance
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -32,6 +31,10 @@ QUERY_CHUNK = 64
 SOFTMAX_FLOOR = 80.0
 #: most the motion prior lowers an affinity (see :class:`MotionPrior`)
 MOTION_CAP = 8.0
+#: weight sets over a memory whose priors' band (see :class:`WeightSets`) holds more than
+#: this share's inverse of its positions are computed densely (the band costs a few passes
+#: over [P, S], a dense softmax about eight over [P, M] a set)
+BAND_SHARE = 4
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,10 @@ class MotionPrior:
     #: [4, M]: (y, x, -(y^2 + x^2) / 2, -1 / 2) / s^2 of each memory position
     memory: Tensor
     cap: float
+    #: (h, w): the query positions are the cells of an h x w grid and the memory positions
+    #: those of F such grids in order (as :func:`motion_prior` makes them), so that
+    #: :class:`WeightSets` can find the pairs near each other without the [P, M] bias
+    grid: tuple[int, int] | None = None
 
     def bias(self, start: int, stop: int) -> Tensor:
         """[stop - start, M] for query positions start..stop."""
@@ -255,66 +262,205 @@ def dense_weights(
     return out
 
 
-def weight_sets(
-    mem_keys: Tensor,
-    query_key: Tensor,
-    scale: float,
-    priors: tuple[MotionPrior | None, ...],
-    positions: list[Tensor | None],
-    dtype: torch.dtype = torch.float32,
-) -> tuple[Tensor, list[Tensor], Tensor]:
-    """:func:`dense_weights` of each of K weight sets (one a prior of :class:`ObjectPriors`),
-    set k with ``priors[k]`` over the memory positions ``positions[k]`` (in that order; None:
-    all), in ``dtype``: all sets side by side, [P, C]; each set's part, [P, M_k] (views of
-    it); and ``columns`` [K, M], where memory position m is in set k's part (as
-    :func:`window_read` takes them; 0 where set k does not hold it). Sets given the same
-    ``positions`` tensor (one memory) share its keys and affinity.
+class WeightSets:
+    """The weights [P, M_k] of K weight sets over one memory read, set k with ``priors[k]``
+    (:class:`ObjectPriors`' distinct priors) over the memory positions ``positions[k]`` (in
+    that order; None: all M), each :func:`dense_weights` of its own, without writing them
+    all out.
 
-    The affinity of a chunk of query positions is computed once for every set (the one-object
-    trackers of a CVAT request each measure their own motion: 20 trackers of a call, 20
-    priors), and each set's softmax is written straight into its part of the buffer (stacking
-    20 sets afterwards copied 90 MB a call); a set over a few of the memory frames (trackers
-    whose memories diverged, read over the union of their frames) costs only its own.
+    The one-object trackers of a CVAT request each measure their own motion: a call of 20
+    trackers holds 20 priors, and writing 20 softmaxes of [P, M] (90 MB at 480p) took a
+    fifth of a 100-object frame. A prior lowers every affinity by exactly ``cap`` except in
+    its band: the memory cells of each frame within ``sqrt(2 cap)`` spreads of the query
+    position. So outside its band a set's weight is its memory's shared ``e = exp(a - max
+    a)`` times the set's ``1 / Z`` per query position (the factor ``exp(-cap)`` cancels),
+    in it ``e (1 + g) / Z`` with ``g = exp(b + cap) - 1``, and ``Z = sum e + sum_band e g``.
+    The band is the same grid offsets around every query position, so each memory gathers
+    ``e`` on its sets' widest band once ([P, S]) and every set's ``Z`` is one product with
+    its ``g`` over the offsets. A read ``W v`` is then the shared ``e v`` corrected over the
+    band, and rows are written only where asked (the windows'). Equal to the softmax of the
+    biased affinity to float rounding (the band's bias is ``-d^2 / (2 s^2)`` from integer
+    offsets, where :meth:`MotionPrior.bias` expands it into terms in the thousands at a
+    spread of a third of a cell: a few 1e-4 apart); the floor (:func:`_floored`) sits at
+    the shared maximum, which moves weights of e^-72 relative or less. A memory whose band
+    is wider than a :data:`BAND_SHARE`'th of its positions (fast objects, far memory frames)
+    keeps each set's own dense softmax.
     """
-    keys = mem_keys[0].float()
-    query = query_key[0].float()
-    p, m = query.shape[-1], keys.shape[-1]
-    device = keys.device
-    widths = [m if at is None else len(at) for at in positions]
-    buffer = keys.new_empty(p, sum(widths))
-    columns = torch.zeros(len(priors), m, dtype=torch.long, device=device)
-    sets, start = [], 0
-    for k, (at, width) in enumerate(zip(positions, widths, strict=True)):
-        sets.append(buffer[:, start : start + width])
-        own = torch.arange(start, start + width, device=device)
-        if at is None:
-            columns[k] = own
-        else:
-            columns[k, at] = own
-        start += width
-    # Each memory's keys gathered once: gathering a chunk's affinity columns per set instead
-    # took a quarter of a 20-tracker call over five memories.
-    keys_of = {id(at): keys if at is None else keys.index_select(1, at) for at in positions}
-    step = QUERY_CHUNK if query.device.type == "cpu" else max(1, CHUNK_ELEMENTS // max(1, m))
-    with torch.autocast(query_key.device.type, enabled=False):
-        for start in range(0, p, step):
-            stop = min(p, start + step)
-            q = query[:, start:stop].T
-            affs: dict[int, Tensor] = {}
-            for prior, at, out in zip(priors, positions, sets, strict=True):
-                own = affs.get(id(at))
-                if own is None:
-                    own = affs[id(at)] = (q @ keys_of[id(at)]).mul_(scale)
-                if prior is not None:
-                    own = prior.bias(start, stop).add_(own)
-                else:
-                    own = own.clone()
-                out[start:stop] = torch.softmax(_floored(own), dim=1)
-    if dtype != buffer.dtype:
-        buffer = buffer.to(dtype)
-        starts = [0, *itertools.accumulate(widths)]
-        sets = [buffer[:, a:b] for a, b in itertools.pairwise(starts)]
-    return buffer, sets, columns
+
+    def __init__(
+        self,
+        mem_keys: Tensor,
+        query_key: Tensor,
+        scale: float,
+        priors: tuple[MotionPrior | None, ...],
+        positions: list[Tensor | None],
+    ) -> None:
+        keys = mem_keys[0].float()
+        query = query_key[0].float()
+        p, m = query.shape[-1], keys.shape[-1]
+        device = keys.device
+        #: query positions
+        self.p = p
+        self.positions = positions
+        self.widths = [m if at is None else len(at) for at in positions]
+        #: [K, M]: the place of memory position m among set k's positions (0 where it holds
+        #: none: its objects' values never differ from the background there)
+        self.columns = torch.zeros(len(priors), m, dtype=torch.long, device=device)
+        for k, at in enumerate(positions):
+            own = torch.arange(self.widths[k], device=device)
+            if at is None:
+                self.columns[k] = own
+            else:
+                self.columns[k, at] = own
+        self._memory = [id(at) for at in positions]
+        members: dict[int, list[int]] = {}
+        for k, at in enumerate(positions):
+            members.setdefault(id(at), []).append(k)
+        #: each set's dense weights [P, M_k], or its memory and its column of that memory's
+        #: 1 / Z [P, K_m] and g [S, K_m]
+        self._sets: list[Tensor | tuple[int, int]] = [None] * len(priors)  # type: ignore[list-item]
+        #: each banded memory's e [P, M_m], e on its band (0 off the grid) [P, S], the band's
+        #: memory columns [P, S], 1 / Z [P, K_m] and g [S, K_m]
+        self._shared: dict[int, tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] = {}
+        with torch.autocast(query_key.device.type, enabled=False):
+            for key, ks in members.items():
+                at = positions[ks[0]]
+                own_keys = keys if at is None else keys.index_select(1, at)
+                # A set whose own band is wide (a fast object) would widen every set's.
+                width = self.widths[ks[0]]
+                banded = [k for k in ks if not _wide(priors[k], width)]
+                band = _band([priors[k] for k in banded], width) if banded else None
+                for k in ks:
+                    if band is None or k not in banded:
+                        own = dense_weights(own_keys[None], query[None], scale, priors[k])
+                        self._sets[k] = own
+                if band is None:
+                    continue
+                ks = banded
+                mine = [priors[k] for k in ks]
+                cols, inside, grow = band
+                lift = max((pr.cap for pr in mine if pr is not None), default=0.0)
+                e = query.T @ own_keys
+                if scale != 1.0:
+                    e.mul_(scale)
+                e.sub_(e.amax(dim=1, keepdim=True)).clamp_(min=lift - SOFTMAX_FLOOR).exp_()
+                near = e.gather(1, cols).mul_(inside)  # [P, S]
+                inv = torch.addmm(e.sum(dim=1, keepdim=True), near, grow).reciprocal_()
+                self._shared[key] = (e, near, cols, inv, grow)
+                for j, k in enumerate(ks):
+                    self._sets[k] = (key, j)
+
+    def dense(self, k: int) -> Tensor:
+        """Set k's weights [P, M_k], float32."""
+        return self.rows(k, None)
+
+    def rows(self, k: int, at: Tensor | None) -> Tensor:
+        """Set k's weights at query positions ``at`` [R] (None: all): [R, M_k], float32."""
+        own = self._sets[k]
+        if isinstance(own, Tensor):
+            return own if at is None else own[at]
+        key, j = own
+        e, near, cols, inv, grow = self._shared[key]
+        if at is not None:
+            # index_select: advanced indexing is several times slower on CPU
+            e, near, cols, inv = (x.index_select(0, at) for x in (e, near, cols, inv))
+        scale = inv[:, j : j + 1]
+        out = e * scale
+        # In the band: + e g / Z (0 off the grid: near is 0 there, its column any).
+        flat = torch.arange(len(out), device=out.device)[:, None] * out.shape[1] + cols
+        out.put_(flat, near.mul(grow[:, j]).mul_(scale), accumulate=True)
+        return out
+
+    def read(self, sets: list[int], values: Tensor) -> Tensor:
+        """``dense(sets[i]) @ values[i, positions[sets[i]]]`` for each row i of ``values``
+        [R, M] (at all M memory positions of the read): [R, P], float32. Rows whose sets
+        share a memory read its ``e`` in one product."""
+        values = values.float()
+        out = values.new_empty(len(sets), self.p)
+        groups: dict[int, list[int]] = {}
+        for i, k in enumerate(sets):
+            key = -1 - k if isinstance(self._sets[k], Tensor) else self._memory[k]
+            groups.setdefault(key, []).append(i)
+        for key, idx in groups.items():
+            k = sets[idx[0]]
+            at = self.positions[k]
+            rows = torch.tensor(idx, device=values.device)
+            own = values.index_select(0, rows)
+            if at is not None:
+                own = own.index_select(1, at)
+            dense = self._sets[k]
+            if isinstance(dense, Tensor):
+                out[rows] = (dense @ own.T).T
+                continue
+            e, near, cols, inv, grow = self._shared[key]
+            part = (e @ own.T).T  # [r, P]
+            for r, i in enumerate(idx):
+                _, j = self._sets[sets[i]]  # type: ignore[misc]
+                # + sum over the band of e g v, then / Z
+                v = own[r].expand(len(cols), -1).gather(1, cols)  # [P, S]: faster than v[cols]
+                band = v.mul_(near) @ grow[:, j]
+                part[r].add_(band).mul_(inv[:, j])
+            out[rows] = part
+        return out
+
+
+def _wide(prior: MotionPrior | None, width: int) -> bool:
+    """Whether a prior's own band (:func:`_band`) is wider than ``width / BAND_SHARE``
+    positions (then its dense softmax is cheaper): its discs hold about ``2 pi cap s^2``
+    grid cells a frame."""
+    if prior is None:
+        return False
+    if prior.grid is None:
+        return True
+    hw = prior.grid[0] * prior.grid[1]
+    cells = (2 * math.pi * prior.cap / (-2 * prior.memory[3, ::hw])).sum()
+    return float(cells) * BAND_SHARE > width
+
+
+def _band(priors: list[MotionPrior | None], width: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The band of :class:`WeightSets`' priors over one memory of ``width`` positions: for
+    each query position, the memory positions of the grid offsets (per frame, the widest of
+    the priors' discs ``d^2 < 2 cap s^2``), [P, S]; whether each lies inside the grid, [P, S]
+    bool; and each prior's ``g = exp(b + cap) - 1`` on each offset, [S, K] (0
+    outside its own disc; 0 for no prior). None where a prior has no grid, the grids differ,
+    or the band is wider than ``width / BAND_SHARE`` (then dense is cheaper).
+    """
+    known = [pr for pr in priors if pr is not None]
+    if not known or any(pr.grid is None or pr.grid != known[0].grid for pr in known):
+        return None
+    h, w = known[0].grid  # type: ignore[misc]
+    hw = h * w
+    first = known[0]
+    if first.query.shape[1] != hw or width % hw:
+        return None
+    device = first.memory.device
+    frames = width // hw
+    # -1 / (2 s^2) of each prior and frame, [K, F] (no prior: 0, no band)
+    scales = torch.stack(
+        [first.memory.new_zeros(frames) if pr is None else pr.memory[3, ::hw] for pr in priors]
+    )
+    caps = torch.tensor([0.0 if pr is None else pr.cap for pr in priors], device=device)
+    reach = (caps[:, None] / -scales.clamp(max=-1e-30)).amax(dim=0)  # [F]: widest d^2
+    qy = torch.arange(h, device=device).repeat_interleave(w)[:, None]
+    qx = torch.arange(w, device=device).repeat(h)[:, None]
+    cols, inside, grows, total = [], [], [], 0
+    for f in range(frames):
+        r = min(max(h, w) - 1, int(math.sqrt(float(reach[f]))))
+        off = torch.arange(-r, r + 1, device=device)
+        dy, dx = off.repeat_interleave(len(off)), off.repeat(len(off))
+        d2 = (dy * dy + dx * dx).float()
+        near = d2 < reach[f]
+        dy, dx, d2 = dy[near], dx[near], d2[near]
+        total += len(d2)
+        if total * BAND_SHARE > width:
+            return None
+        y, x = qy + dy, qx + dx  # [P, S_f]
+        ok = (y >= 0) & (y < h) & (x >= 0) & (x < w)
+        cols.append(f * hw + (y.clamp(0, h - 1) * w + x.clamp(0, w - 1)))
+        inside.append(ok)
+        bias = d2[:, None] * scales[:, f]  # [S_f, K]: -d^2 / (2 s^2)
+        grows.append(torch.expm1((bias + caps).clamp_(min=0.0)))
+    return torch.cat(cols, dim=1), torch.cat(inside, dim=1), torch.cat(grows)
 
 
 def window_read(
@@ -327,6 +473,7 @@ def window_read(
     background_read: Tensor,
     differs: Tensor,
     columns: Tensor | None = None,
+    weight_rows: Tensor | None = None,
 ) -> Tensor:
     """``weights[owner[g], rows[g]] @ values[objects[g]].T`` for each window g -> [G, R, Cv]:
     the read of objects at a few query positions each (stm-lite's windows), from the memory
@@ -343,10 +490,12 @@ def window_read(
     growing with the memory beyond the background read. Exact in real arithmetic; in
     float32 the sums run in another order.
 
-    ``columns`` [K, M] (weight sets over their own memory positions, :func:`weight_sets`):
-    ``weights`` is then [P, C], every set's columns side by side, and ``columns[k, m]`` the
-    column of memory position m in set k's part (any where set k holds nothing: its objects'
-    values never differ from the background there).
+    ``columns`` [K, M] (weight sets over their own memory positions,
+    :attr:`WeightSets.columns`): ``weights`` is then [X, C], rows of every set's weights (at
+    the query positions its windows need, :meth:`WeightSets.rows`), window g's rows
+    ``weight_rows[g]`` [R] of it, and ``columns[k, m]`` the column of memory position m in
+    set k's rows (any where set k holds nothing: its objects' values never differ from the
+    background there).
     """
     g = rows.shape[0]
     base = background_read[owner[:, None], rows]  # [G, R, Cv]
@@ -363,7 +512,8 @@ def window_read(
     if columns is None:
         w = weights[owner[:, None, None], rows[:, :, None], at[:, None, :]]  # [G, R, S]
     else:
-        w = weights[rows[:, :, None], columns[owner[:, None], at][:, None, :]]
+        assert weight_rows is not None
+        w = weights[weight_rows[:, :, None], columns[owner[:, None], at][:, None, :]]
     return torch.baddbmm(base, w, diff.transpose(1, 2))
 
 
@@ -389,7 +539,7 @@ def motion_prior(
     memory = torch.stack(
         [ys.repeat(f) * inv, xs.repeat(f) * inv, -0.5 * sq.repeat(f) * inv, -0.5 * inv]
     )
-    return MotionPrior(query, memory, cap)
+    return MotionPrior(query, memory, cap, (h, w))
 
 
 def _chunked_dense_read(

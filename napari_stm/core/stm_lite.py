@@ -471,44 +471,45 @@ class STMLite(VOSNetwork):
         f16 = query.extra["f16"]
         h, w = query.key.shape[-2:]
         n, cv, m = values.shape
+        sets: readout.WeightSets | None = None
         if isinstance(prior, ObjectPriors):
             cols = prior.columns(h * w, keys.device)
-            # [P, M_k] each, over its own memory positions (views of one buffer)
-            stacked, weights_of, columns = readout.weight_sets(
-                keys, reader, 1.0, prior.priors, cols, values.dtype
-            )
+            sets = readout.WeightSets(keys, reader, 1.0, prior.priors, cols)
+            owners = prior.owner
         else:
-            cols, columns = [None], None
-            weights_of = [dense_weights(keys, reader, 1.0, prior).to(values.dtype)]  # [P, M]
-        weights = weights_of[0]
+            cols, owners = [None], (0,) * n
+            weights = dense_weights(keys, reader, 1.0, prior).to(values.dtype)  # [P, M]
+        dense: dict[int, Tensor] = {}  # sets' whole weights, where needed ([P, M_k])
+
+        def dense_of(k: int) -> Tensor:
+            if sets is None:
+                return weights
+            if k not in dense:
+                dense[k] = sets.dense(k).to(values.dtype)
+            return dense[k]
 
         def own(k: int, v: Tensor) -> Tensor:  # [..., M] -> set k's memory positions
             return v if cols[k] is None else v.index_select(-1, cols[k])
 
-        def read_with(k: int, idx: list[int], last: bool = False) -> Tensor:
-            v = values[idx, -1] if last else values[idx].reshape(len(idx) * cv, m)
-            return (weights_of[k] @ own(k, v).T).T.reshape(len(idx), 1 if last else cv, h, w)
-
-        def read(idx: list[int], last: bool = False) -> Tensor:
-            """Objects ``idx`` read everywhere (``last``: their soft mask only), each with its
-            own prior's weights."""
-            if not isinstance(prior, ObjectPriors):
-                return read_with(0, idx, last)
+        def read(idx: list[int]) -> Tensor:
+            """Objects ``idx`` read everywhere, each with its own prior's weights."""
             out = None
-            for k in range(len(weights_of)):
-                at = [j for j, i in enumerate(idx) if prior.owner[i] == k]
-                if at:
-                    part = read_with(k, [idx[j] for j in at], last)
-                    if out is None:
-                        out = part.new_empty(len(idx), *part.shape[1:])
-                    out[at] = part
+            for k in dict.fromkeys(owners[i] for i in idx):
+                at = [j for j, i in enumerate(idx) if owners[i] == k]
+                v = values[[idx[j] for j in at]].reshape(len(at) * cv, m)
+                part = (dense_of(k) @ own(k, v).T).T.reshape(len(at), cv, h, w)
+                if out is None:
+                    out = part.new_empty(len(idx), *part.shape[1:])
+                out[at] = part
             assert out is not None
             return out
 
-        if isinstance(prior, ObjectPriors):
-            coverage = read(list(range(n)), last=True)
-        else:
+        # Each object's soft mask read everywhere (one channel each: cheap).
+        if sets is None:
             coverage = (weights @ values[:, -1].T).T.reshape(n, 1, h, w)
+        else:
+            coverage = sets.read(list(owners), values[:, -1]).to(values.dtype)
+            coverage = coverage.reshape(n, 1, h, w)
         plan = crops.plan_crops(
             coverage[:, 0], DECODE_THRESHOLD, DECODE_REACH, DECODE_CONTEXT, self.crop_share
         )
@@ -530,12 +531,9 @@ class STMLite(VOSNetwork):
                 bg_own[id(at)] = own(k, bg_values)
             return bg_own[id(at)]
 
-        def background_read(k: int) -> Tensor:  # [P, Cv]
-            return weights_of[k] @ background_at(k).T
-
         # One background decode per distinct memory, read with its objects' main prior.
         memories = prior.memories() if isinstance(prior, ObjectPriors) else [(0, list(range(n)))]
-        bg_read_of = {k: background_read(k) for k, _ in memories}
+        bg_read_of = {k: dense_of(k) @ background_at(k).T for k, _ in memories}  # [P, Cv]
 
         def refine(background: Tensor) -> Tensor:
             refined = dec.objects(background, frame, skip8, skip4)
@@ -556,35 +554,44 @@ class STMLite(VOSNetwork):
         if plan.full:
             full = read(plan.full).to(reader.dtype)
             out[plan.full] = dec.objects(full, frame, skip8, skip4).to(out.dtype)
-        # Each window reads with its object's weights [K, P, M] and their background reads,
-        # [K, P, Cv]: a set's whole-frame read where it is a memory's (decoded above), else
-        # only at its windows' positions (a fifth of the frame, and most sets are one tracker's).
-        if isinstance(prior, ObjectPriors):
-            owners = prior.owner
-            first = bg_read_of[memories[0][0]]
-            bg_reads = first[None].repeat(len(weights_of), 1, 1)
-            for k, part in bg_read_of.items():
-                bg_reads[k] = part
+        device = values.device
+        if sets is None:
+            stacked, columns, bg_reads = weights[None], None, bg_read_of[0][None]
+            place = None
+        else:
+            # Each set's weights only at the rows its windows read ([X, max M_k], set k's
+            # from offset[k]), and its background read there: a set's whole-frame read where
+            # it is a memory's (decoded above), else only at its windows' rows (a fifth of the
+            # frame, and most sets are one tracker's).
             rows_of: dict[int, list[Tensor]] = {}
             for group in plan.groups:
                 for i, win in zip(group.objects, group.windows, strict=True):
-                    if prior.owner[i] not in bg_read_of:
-                        rows_of.setdefault(prior.owner[i], []).append(crops.positions(win, w))
-            for k, rows in rows_of.items():
-                at = torch.cat(rows).unique().to(keys.device)
-                bg_reads[k, at] = weights_of[k][at] @ background_at(k).T
-        else:
-            owners = (0,) * n
-            bg_reads = bg_read_of[0][None]
-            stacked = weights[None]
-        device = weights.device
+                    rows_of.setdefault(owners[i], []).append(crops.positions(win, w))
+            first = bg_read_of[memories[0][0]]
+            bg_reads = first[None].repeat(len(sets.widths), 1, 1)
+            for k, part in bg_read_of.items():
+                bg_reads[k] = part
+            at_of = {k: torch.cat(rows).unique().to(device) for k, rows in rows_of.items()}
+            total = sum(len(at) for at in at_of.values())
+            stacked = values.new_zeros(total, max(sets.widths))
+            place = torch.zeros(len(sets.widths), h * w, dtype=torch.long, device=device)
+            start = 0
+            for k, at in at_of.items():
+                part = dense[k][at] if k in dense else sets.rows(k, at).to(values.dtype)
+                stacked[start : start + len(at), : part.shape[1]] = part
+                place[k, at] = torch.arange(start, start + len(at), device=device)
+                if k not in bg_read_of:
+                    bg_reads[k, at] = part @ background_at(k).T
+                start += len(at)
+            columns = sets.columns
         for group in plan.groups:
             wins = group.windows
             wh, ww = wins[0].size
             rows = torch.stack([crops.positions(win, w) for win in wins]).to(device)
+            owner = torch.tensor([owners[i] for i in group.objects], device=device)
             window_read = readout.window_read(
                 stacked,
-                torch.tensor([owners[i] for i in group.objects], device=device),
+                owner,
                 rows,
                 values,
                 torch.tensor(group.objects, device=device),
@@ -592,6 +599,7 @@ class STMLite(VOSNetwork):
                 bg_reads,
                 differs,
                 columns,
+                None if place is None else place[owner[:, None], rows],
             )  # [G, wh*ww, Cv]
             window_read = window_read.transpose(1, 2).reshape(len(wins), cv, wh, ww)
             logits = dec.objects(
