@@ -1,8 +1,8 @@
 """Frames between two references: which side each object comes from, and the merge.
 
 Between references a and b the engine has two guesses of every frame: the forward side (a
-pass from a, reading a) and the backward side (a pass from b, reading b and the references up
-to a; core/plan.py ``Pass.reads``). Each object comes from one side, or, where the two sides
+pass from a, reading a) and the backward side (a pass from b, reading b and a; core/plan.py
+``Pass.reads``). Each object comes from one side, or, where the two sides
 agree on it, is their mean (below); never a blend of two sides that disagree: a blend of two
 weak masks is a weaker one, and the forward pass memorises what it takes.
 

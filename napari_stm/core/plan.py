@@ -6,7 +6,7 @@ its start; ``both`` walks outwards from the outer references and, between two re
 backwards (its probabilities stored) and then forwards, taking each object from one side
 or both (core/fuse.py). A pass reads the references among its own frames (:attr:`Pass.reads`): a
 stretch's forward side reads the reference it starts from, and the other end reaches its frames
-through the fusion; the backward side also reads the references up to the stretch's first. In
+through the fusion; the backward side also reads the stretch's first reference. In
 ``both`` one forward side walks on from the first reference to the end
 (:attr:`Pass.walks_on`), so a reference changes the frames from the reference before it to the
 end (:func:`affected`).
@@ -41,21 +41,24 @@ class Pass:
 
     @property
     def reads(self) -> set[int]:
-        """The frames whose references this pass reads: its own and, for the backward side of
-        a stretch (``store``), every one up to the stretch's first reference: the references the
-        forward side holds on reaching it. The forward side does not read the far end of its
-        stretch: read across many frames a reference is matched by appearance alone; among
-        look-alike objects (cells) that mixes identities, and on DAVIS training sequences it
-        sank the pass it was meant to help (horsejump-low, 60 frames: forward side J 0.80
-        alone, 0.72 reading the far end); it reaches the far end through the fusion and
-        memorises what it takes. The backward side has only its own reference otherwise, and a
-        correction's backward side was then worse than the forward side on the frames before
-        it (the annotator's correction lowered them; docs/architecture.md, "Frames between two
-        references", has the measurements). A pass that walks on (:attr:`walks_on`) also reads
-        what the forward side memorised before its first frame, the references before it
-        among them."""
+        """The frames whose references this pass reads: its own and, for the backward side of a
+        stretch (``store``), the stretch's first reference, where the forward side stands. Not the
+        references before it: each correction made there added one more far reference to the
+        backward side of every later stretch, and a near twin of one it read already (frames 0 and
+        1) doubled the far look's weight in its read (DAVIS drift-turn, references 0, 4 and 63, a
+        true mask on frame 1: the backward side from 63 fell from J 0.90 to 0.84 on frame 61, and
+        mean J fell). The forward side does not read the far end of its stretch: read across many
+        frames a reference is matched by appearance alone; among look-alike objects (cells) that
+        mixes identities, and on DAVIS training sequences it sank the pass it was meant to help
+        (horsejump-low, 60 frames: forward side J 0.80 alone, 0.72 reading the far end); it reaches
+        the far end through the fusion and memorises what it takes. Without a, the backward side had
+        only its own reference, and a correction's backward side was then worse than the forward
+        side on the frames before it (the annotator's correction lowered them; docs/architecture.md,
+        "Frames between two references", has the measurements). A pass that walks on
+        (:attr:`walks_on`) also reads what the forward side memorised before its first frame, the
+        references before it among them."""
         if self.mode == "store":
-            return set(self.frames) | set(range(self.span[0] + 1))
+            return set(self.frames) | {self.span[0]}
         return set(self.frames)
 
     @property
