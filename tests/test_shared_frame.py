@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
 from napari_stm.core.engine import PropagationConfig, SharedFrame, Tracker, step_trackers
+from napari_stm.core.frames import crop_padding, foreground_box
+from napari_stm.core.motion import won_centres
 from napari_stm.core.runtime import Runtime
 from napari_stm.core.step import MANY_OBJECTS
 from napari_stm.core.weights import load_model
@@ -312,3 +316,45 @@ def test_trackers_over_other_memories_read_in_one_call_on_stm_lite():
             _assert_as_alone(want, got)
     finally:
         del together[0].runtime.segment
+
+
+def test_many_trackers_results_and_motion_from_one_pass_equal_each_trackers_own():
+    # With many objects in a call, each tracker's labels box and motion centres come from ONE
+    # pass over every tracker's class maximum (frames.foreground_boxes, motion.won_centres);
+    # they equal what each tracker computes from its own maximum, bit for bit.
+    from napari_stm.core import tracker as tracking
+
+    model = load_model("stm-lite", device="cpu")
+    k = MANY_OBJECTS + 2
+    frames, labels = make_clip(4, 96, 128, n_objects=k, seed=5, occlusion=False)
+    own = _trackers(model, frames, labels, k)
+    batched = _trackers(model, frames, labels, k)
+    assert all(tr.policy.measures_motion for tr in batched)
+    step_together, seen = tracking._step_together, []
+
+    def per_tracker(*args, **kwargs):
+        outs = step_together(*args, **kwargs)
+        seen.append([(out.box, out.centres) for out in outs])
+        geo = args[0][0].geo
+        for out in outs:  # the one pass's, against each tracker's own maximum alone
+            assert out.box == foreground_box(crop_padding(out.top()[1], geo))
+            assert all(map(torch.equal, out.centres, won_centres(out.top(), 1)))
+        return [replace(out, box=None, centres=None) for out in outs]
+
+    for t in range(1, 4):
+        tracking._step_together = per_tracker
+        try:
+            want = step_trackers(own, SharedFrame(frames[t]))
+        finally:
+            tracking._step_together = step_together
+        got = step_trackers(batched, SharedFrame(frames[t]))
+        ((box, centres), *_) = seen[-1]
+        assert box is not None and centres is not None  # the one pass ran
+        for w, g in zip(want, got, strict=True):
+            assert np.array_equal(w.labels, g.labels) and np.array_equal(w.probs, g.probs)
+            assert (w.confidence, w.area, w.flags) == (g.confidence, g.area, g.flags)
+    assert any(tr.motion.speed is not None for tr in batched)  # motion was measured
+    for a, b in zip(own, batched, strict=True):
+        assert (a.motion.speed, a.motion.size) == (b.motion.speed, b.motion.size)
+        (_, centres_a, present_a), (_, centres_b, present_b) = a.motion._last, b.motion._last
+        assert torch.equal(centres_a, centres_b) and torch.equal(present_a, present_b)

@@ -82,6 +82,12 @@ class StepOutput:
     _top: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
     #: whether the step took the :data:`MANY_OBJECTS` shortcuts (its users take them too)
     many_objects: bool = False
+    #: what the users of :meth:`top` derive from it, when computed for the trackers of one
+    #: call at once: the objects' box in the unpadded frame
+    #: (:func:`~napari_stm.core.frames.foreground_box`) and their won pixels' count and centres
+    #: (:func:`~napari_stm.core.motion.won_centres`)
+    box: tuple[slice, slice] | None = None
+    centres: tuple[Tensor, Tensor] | None = None
 
     def top(self) -> tuple[Tensor, Tensor]:
         """The most probable class at each pixel: (its probability, its index) [(B,) H, W].

@@ -28,6 +28,7 @@ from napari_stm.core.frames import (
     crop_padding,
     fit_side,
     foreground_box,
+    foreground_boxes,
     from_network,
     label_dtype,
     labels_window,
@@ -36,7 +37,7 @@ from napari_stm.core.frames import (
 )
 from napari_stm.core.frames import geometry as make_geometry
 from napari_stm.core.model import MemoryEntry, QueryFeatures, VOSNetwork
-from napari_stm.core.motion import MotionEstimate
+from napari_stm.core.motion import MotionEstimate, won_centres
 from napari_stm.core.policy import make_policy
 from napari_stm.core.quality import FLAG_REFERENCE, LostWatch, label_areas, object_confidence
 from napari_stm.core.readout import MotionPrior, ObjectPriors, motion_prior
@@ -377,7 +378,8 @@ class Tracker:
     def _segmented(self, t: int, image: Tensor, out: StepOutput) -> FrameResult:
         """Offer a segmented streamed frame to the memory; its result."""
         self.remember(t, image, out.probs, out.query)
-        return self.result(t, out.probs, top=out.top() if self._shortcuts(out) else None)
+        top = out.top() if self._shortcuts(out) else None
+        return self.result(t, out.probs, top=top, box=out.box)
 
     def _shortcuts(self, out: StepOutput) -> bool:
         """Whether the frame takes the many-object shortcuts: this tracker's objects are many,
@@ -504,7 +506,7 @@ class Tracker:
             # After aggregation: one object's own map also lights up every look-alike, and its
             # centre then jumps to their mean (measured 0.15 of the frame on ctc-sim-01's nuclei).
             top = out.top() if self._shortcuts(out) else None
-            self.motion.observe(t, out.probs[1:], top=top)
+            self.motion.observe(t, out.probs[1:], top=top, measured=out.centres)
 
     def remember(
         self, t: int, image: Tensor, probs: Tensor, query: QueryFeatures | None = None
@@ -530,25 +532,28 @@ class Tracker:
         probs: Tensor,
         tracked: Tensor | None = None,
         top: tuple[Tensor, Tensor] | None = None,
+        box: tuple[slice, slice] | None = None,
     ) -> FrameResult:
         """Frame ``t``'s labels and probabilities, and the confidence, area and flag of the
         objects ``tracked`` ([N] bool; default: those active in this pass). ``top``:
         ``probs.max(0)``'s values and indices when already known (:meth:`StepOutput.top`);
         given, or with many objects, the labels come from the network size
-        (:data:`~napari_stm.core.step.MANY_OBJECTS`'s shortcuts)."""
+        (:data:`~napari_stm.core.step.MANY_OBJECTS`'s shortcuts); ``box``: its
+        :func:`~napari_stm.core.frames.foreground_box` when already known (with ``top``)."""
         geo = self.geo
         assert geo is not None
         index = torch.uint8 if len(self.object_ids) < 256 else torch.int32
-        box: tuple[slice, slice] | None = None
         if self.many_objects or top is not None:
             # The shortcuts (step.MANY_OBJECTS): labels from the network size, and only in
             # the window holding the objects (a one-object tracker's: its object's box).
             if top is None:
                 top = probs.max(0)
                 top = (top.values, top.indices)
-            box = foreground_box(crop_padding(top[1], geo))
+            if box is None:
+                box = foreground_box(crop_padding(top[1], geo))
             window, cls = labels_window(probs, geo, top[1], box)
         else:
+            box = None
             full = from_network(probs[None], geo)[0]
             # max(0).indices, not argmax(0): the same first-maximum index, but argmax over a
             # short leading dimension took 80 ms of a 480p frame on CPU, max 7 ms.
@@ -878,6 +883,15 @@ def _step_together(
     # The class maximum of every tracker's maps in one pass (many objects: their labels,
     # confidence and motion all start from it), each tracker's its slice.
     top = out.top() if out.many_objects else None
+    k_all = len(trackers)
+    boxes: list[tuple[slice, slice] | None] = [None] * k_all
+    centres: list[tuple[Tensor, Tensor] | None] = [None] * k_all
+    if top is not None and first.geo is not None:
+        # What each tracker's result and motion take from its maximum, for all in one pass.
+        boxes = list(foreground_boxes(crop_padding(top[1], first.geo)))
+        if any(tr.policy.measures_motion for tr in trackers):
+            mass, at = won_centres(top, n)
+            centres = [(mass[k], at[k]) for k in range(k_all)]
     return [
         StepOutput(
             None if out.logits is None else out.logits[k],
@@ -886,8 +900,10 @@ def _step_together(
             reads[k],
             None if top is None else (top[0][k], top[1][k]),
             out.many_objects,
+            boxes[k],
+            centres[k],
         )
-        for k in range(len(trackers))
+        for k in range(k_all)
     ]
 
 
