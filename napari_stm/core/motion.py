@@ -58,11 +58,17 @@ def won_centres(top: tuple[Tensor, Tensor], n: int) -> tuple[Tensor, Tensor]:
     if batch:
         won = won + at[0] * n
         bins = batch[0] * n
+    mass, centres = _counted(won, ys, xs, bins, max(h, w))
+    return mass.reshape(*batch, n), centres.reshape(*batch, n, 2)
+
+
+def _counted(won: Tensor, ys: Tensor, xs: Tensor, bins: int, side: int) -> tuple[Tensor, Tensor]:
+    """The count [bins] and centre (row, column) [bins, 2], as a share of ``side``, of the
+    pixels (``ys``, ``xs``) won by each bin (``won``)."""
     mass = torch.bincount(won, minlength=bins).to(torch.float32)
     sums = [torch.bincount(won, weights=v.double(), minlength=bins) for v in (ys, xs)]
     safe = mass.clamp(min=1e-6).double()
-    centres = (torch.stack(sums, dim=1) / safe[:, None] / max(h, w)).float()
-    return mass.reshape(*batch, n), centres.reshape(*batch, n, 2)
+    return mass, (torch.stack(sums, dim=1) / safe[:, None] / side).float()
 
 
 class MotionEstimate:
@@ -119,11 +125,7 @@ class MotionEstimate:
             elif top is None:
                 value, owner = probs.max(0)
                 ys, xs = (value > 0.5).nonzero(as_tuple=True)
-                won = owner[ys, xs]
-                mass = torch.bincount(won, minlength=n).to(torch.float32)
-                sums = [torch.bincount(won, weights=v.double(), minlength=n) for v in (ys, xs)]
-                safe = mass.clamp(min=1e-6).double()
-                centres = (torch.stack(sums, dim=1) / safe[:, None] / max(h, w)).float()
+                mass, centres = _counted(owner[ys, xs], ys, xs, n, max(h, w))
             else:
                 mass, centres = won_centres(top, n)
         else:

@@ -888,7 +888,7 @@ def _step_together(
     centres: list[tuple[Tensor, Tensor] | None] = [None] * k_all
     if top is not None and first.geo is not None:
         # What each tracker's result and motion take from its maximum, for all in one pass.
-        boxes = list(foreground_boxes(crop_padding(top[1], first.geo)))
+        boxes = foreground_boxes(crop_padding(top[1], first.geo))
         if any(tr.policy.measures_motion for tr in trackers):
             mass, at = won_centres(top, n)
             centres = [(mass[k], at[k]) for k in range(k_all)]
