@@ -13,6 +13,7 @@ locally, distant ones (the first reference of a long video) almost by appearance
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -463,26 +464,39 @@ def _band(priors: list[MotionPrior | None], width: int) -> tuple[Tensor, Tensor,
     )
     caps = torch.tensor([0.0 if pr is None else pr.cap for pr in priors], device=device)
     reach = (caps[:, None] / -scales.clamp(max=-1e-30)).amax(dim=0)  # [F]: widest d^2
-    qy = torch.arange(h, device=device).repeat_interleave(w)[:, None]
-    qx = torch.arange(w, device=device).repeat(h)[:, None]
     cols, inside, grows, total = [], [], [], 0
     for f in range(frames):
         r = min(max(h, w) - 1, int(math.sqrt(float(reach[f]))))
-        off = torch.arange(-r, r + 1, device=device)
-        dy, dx = off.repeat_interleave(len(off)), off.repeat(len(off))
-        d2 = (dy * dy + dx * dx).float()
-        near = d2 < reach[f]
-        dy, dx, d2 = dy[near], dx[near], d2[near]
+        # The offsets' squared distances are whole numbers: d^2 < reach where d^2 < ceil(reach).
+        d2, ok, at = _offsets(h, w, r, float(math.ceil(float(reach[f]))), str(device))
         total += len(d2)
         if total * BAND_SHARE > width:
             return None
-        y, x = qy + dy, qx + dx  # [P, S_f]
-        ok = (y >= 0) & (y < h) & (x >= 0) & (x < w)
-        cols.append(f * hw + (y.clamp(0, h - 1) * w + x.clamp(0, w - 1)))
+        cols.append(at + f * hw)
         inside.append(ok)
         bias = d2[:, None] * scales[:, f]  # [S_f, K]: -d^2 / (2 s^2)
         grows.append(torch.expm1((bias + caps).clamp_(min=0.0)))
     return torch.cat(cols, dim=1), torch.cat(inside, dim=1), torch.cat(grows)
+
+
+@functools.lru_cache(maxsize=64)
+def _offsets(h: int, w: int, r: int, limit: float, device: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The grid offsets (dy, dx) within ``r`` cells whose ``d^2 < limit``, in row-major order,
+    for the query positions of an h x w grid: their d^2 [S] (float), whether each query
+    position's offset lies inside the grid [P, S] and the grid position it lands on (clamped
+    inside) [P, S]. The same few spreads recur in every call of a request and frame after
+    frame, and building these maps was a fifth of :class:`WeightSets` (3 ms a memory). Cached:
+    callers must not write into them."""
+    qy = torch.arange(h, device=device).repeat_interleave(w)[:, None]
+    qx = torch.arange(w, device=device).repeat(h)[:, None]
+    off = torch.arange(-r, r + 1, device=device)
+    dy, dx = off.repeat_interleave(len(off)), off.repeat(len(off))
+    d2 = (dy * dy + dx * dx).float()
+    near = d2 < limit
+    dy, dx, d2 = dy[near], dx[near], d2[near]
+    y, x = qy + dy, qx + dx  # [P, S]
+    ok = (y >= 0) & (y < h) & (x >= 0) & (x < w)
+    return d2, ok, y.clamp(0, h - 1) * w + x.clamp(0, w - 1)
 
 
 def window_read(
