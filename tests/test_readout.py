@@ -179,3 +179,24 @@ def test_weight_sets_are_each_sets_dense_weights_over_its_own_positions():
     both = sets.read([0, 2, 0, 3], values)
     for i, k in enumerate([0, 2, 0, 3]):
         assert torch.allclose(both[i], expected[k] @ values[i], rtol=1e-4, atol=1e-5)
+
+
+def test_dense_sets_from_one_shared_affinity_are_their_own_dense_weights_bit_for_bit():
+    # A call's weight sets share one product of query and memory keys: a dense set adds only
+    # its own prior's bias to it, which with scale 1 is the same float32 sum as its own fused
+    # product-and-bias (stm-lite's windows read with scale 1); banded sets are unchanged.
+    torch.manual_seed(1)
+    grid = (9, 14)
+    p = grid[0] * grid[1]
+    keys = F.normalize(torch.randn(1, 16, 2 * p), dim=1) * 3
+    query = F.normalize(torch.randn(1, 16, p), dim=1) * 3
+    wide = motion_prior(torch.tensor([1, 4]), grid, 0.15)
+    other = motion_prior(torch.tensor([3]), grid, 0.12)  # over one frame
+    affinity = query[0].T @ keys[0]
+    for prior in (wide, None):
+        alone = dense_weights(keys, query, 1.0, prior)
+        assert torch.equal(dense_weights(keys, query, 1.0, prior, affinity), alone)
+    own = torch.arange(p, 2 * p)  # the second frame only: the shared product's columns
+    sets = WeightSets(keys, query, 1.0, (wide, other), [None, own])
+    assert torch.equal(sets.dense(0), dense_weights(keys, query, 1.0, wide))
+    assert torch.equal(sets.dense(1), dense_weights(keys[..., own], query, 1.0, other))
