@@ -388,7 +388,8 @@ class WeightSets:
             # index_select: advanced indexing is several times slower on CPU
             e, near, cols, inv = (x.index_select(0, at) for x in (e, near, cols, inv))
         scale = inv[:, j : j + 1]
-        out = e * scale
+        # Scaled in place where the rows are already a copy: one [R, M] map less a set.
+        out = e * scale if at is None else e.mul_(scale)
         # In the band: + e g / Z (0 off the grid: near is 0 there, its column any).
         flat = torch.arange(len(out), device=out.device)[:, None] * out.shape[1] + cols
         out.put_(flat, near.mul(grow[:, j]).mul_(scale), accumulate=True)
