@@ -64,7 +64,8 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
         "--max-memory",
         type=int,
         default=d.max_memory,
-        help="most memory frames per read in bounded mode (default: %(default)s)",
+        help="most memory frames per read in bounded mode, with two references; each further "
+        "one is read beside them (default: %(default)s)",
     )
     g.add_argument(
         "--top-k", type=int, default=None, help="top-k memory read (0: dense; default: the model's)"

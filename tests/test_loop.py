@@ -382,6 +382,25 @@ def test_the_backward_side_reads_the_two_ends_of_its_stretch_only(tiny_model, cl
         assert {6, 12} <= read and not {0, 1} & read
 
 
+def test_a_correction_takes_nothing_from_the_forward_sides_memory(tiny_model, clip):
+    # A correction beside a reference (frame 7 after 6): every read after it sees the frames
+    # it saw without the correction, and the correction. Each reference used to take a slot
+    # of the capped working memory, so the forward side forgot a frame it remembered (and,
+    # until the working memory shrank, read only the references nearest in time: frame 8 lost
+    # frame 0), and a correct reference lowered J on the frames after it.
+    video, gt = clip
+    config = PropagationConfig(device="cpu", max_memory=5, mem_every=1)
+    reads = {}
+    for refs in ((0, 6), (0, 6, 7)):
+        prop = Propagator(tiny_model, video, config)
+        for t in refs:
+            prop.add_reference(t, gt[t])
+        list(prop.propagate("both"))
+        reads[refs] = {t: set(prop._reads["yield"][t].memory) for t in range(8, T)}
+    for t in range(8, T):
+        assert reads[(0, 6)][t] | {7} <= reads[(0, 6, 7)][t], f"frame {t}"
+
+
 def test_explain_an_object_both_sides_found_shows_both_reads_halved(tiny_model, clip):
     # Where the two sides agree on an object the frame shows their mean: the pixel's read is
     # half the forward side's and half the backward side's (it showed the forward one only).

@@ -116,6 +116,23 @@ def test_references_beyond_the_cap_read_the_nearest():
     assert sorted(read_values(bank, current_t=3)) == [0, 10, 20, 31]
 
 
+def test_a_third_reference_takes_no_working_entry_and_pushes_no_reference_out():
+    # Corrections are read beside the working memory: a reference used to take a working
+    # entry's place, and one added on a full working memory pushed every other reference out
+    # of the read until the working memory shrank.
+    bank = MemoryBank(max_frames=5)  # the previous frame and two references leave 2 working
+    bank.add(0, entry(0), "reference")
+    for t in (1, 2, 3):
+        bank.add(t, entry(t), "working")
+    bank.add(4, entry(4), "previous")
+    bank.add(6, entry(6), "reference")
+    bank.add(7, entry(7), "reference")
+    assert sorted(read_values(bank, current_t=8)) == [0, 1, 2, 3, 4, 6, 7]
+    bank.add(8, entry(8), "working")
+    assert sorted(bank.frames("working")) == [3, 8]
+    assert sorted(read_values(bank, current_t=9)) == [0, 3, 4, 6, 7, 8]
+
+
 def test_unbounded_bank_grows_and_keeps_everything():
     bank = MemoryBank()
     for t in range(20):

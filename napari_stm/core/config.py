@@ -33,7 +33,8 @@ class AlgorithmConfig:
     memory: MemoryMode = "bounded"
     #: a memory frame every N frames
     mem_every: int = 5
-    #: most memory frames one read sees (bounded mode), references and previous frame included
+    #: most memory frames one read sees (bounded mode), the previous frame and two references
+    #: included; each further reference (a correction) is read beside them (core/memory.py)
     max_memory: int = 10
     #: top-k memory positions per query position; None: the network's default (0: dense)
     top_k: int | None = None

@@ -2,7 +2,9 @@
 
 Which frames enter it, as what kind, and how large it may grow is its memory policy's choice
 (core/policy.py); the bank carries out the cap it is given: the working memory forgets its
-oldest entry first, and with more references than the cap the nearest in time are read.
+oldest entry first and gets what the cap leaves after the previous frame and two references; a
+further reference (a correction) is read beside them, not in place of a frame the pass
+remembered; of more than ``max_frames - 2`` references the nearest in time are read.
 
 Entries live in one preallocated buffer per tensor, slot by slot, so a read is a view of the
 buffer's used prefix and no concatenation happens per frame.
@@ -19,6 +21,10 @@ from torch import Tensor
 from napari_stm.core.model import MemoryEntry
 
 Kind = Literal["reference", "permanent", "working", "previous"]
+
+#: references that share the cap with the working memory (the two ends of a stretch); each
+#: further one is read beside it (see ``MemoryBank._make_room_for_working``)
+SHARED_REFERENCES = 2
 
 
 @dataclass
@@ -106,9 +112,14 @@ class MemoryBank:
         if self.max_frames is None:
             return
         fixed = sum(1 for s in self.slots if s.kind in ("reference", "permanent"))
-        # References always stay; the working memory gets what is left after them and the
-        # previous frame, but never less than one entry.
-        budget = max(1, self.max_frames - 1 - min(fixed, self.max_frames - 2))
+        # References always stay; the working memory gets what is left after the previous
+        # frame and two references, never less than one entry. A third reference and more (the
+        # annotator's corrections) are read beside it: each used to take a working entry's
+        # place, so a correct reference made the pass forget a frame it remembered, and J fell
+        # on frames after it (DAVIS development sequences, true masks on 0 and t, then t + 1:
+        # docs/architecture.md, eleventh session of issue 17).
+        shared = min(fixed, SHARED_REFERENCES, self.max_frames - 2)
+        budget = max(1, self.max_frames - 1 - shared)
         working = sorted((s for s in self.slots if s.kind == "working"), key=lambda s: s.seq)
         while len(working) >= budget:
             oldest = working.pop(0)
@@ -194,8 +205,9 @@ class MemoryBank:
     def tensors(self, current_t: int | None = None) -> tuple[Tensor, Tensor]:
         """Keys [Nk, Ck, M] and values [N, Cv, M] of the frames the next read should see.
 
-        When there are more references than the cap allows, the references nearest in time to
-        ``current_t`` are read; all of them stay stored.
+        Every working entry and the previous frame are read, and the references nearest in time
+        to ``current_t``, as many as the cap leaves but at least ``max_frames - 2``; all of them
+        stay stored.
         """
         if not self.slots or self._keys is None or self._values is None:
             raise ValueError("the memory is empty: add a reference frame first")
@@ -221,7 +233,12 @@ class MemoryBank:
             return None
         others = [i for i, s in enumerate(self.slots) if s.kind not in ("reference", "permanent")]
         fixed = [i for i, s in enumerate(self.slots) if s.kind in ("reference", "permanent")]
-        room = max(1, self.max_frames - len(others))
+        # Not only what the working memory leaves: a reference added when the working memory
+        # was full (it shrinks at its next entry) then pushed every other reference out of the
+        # read, the first among them, for as long as no frame entered the working memory.
+        room = max(1, self.max_frames - 2, self.max_frames - len(others))
+        if len(fixed) <= room:
+            return None
         if current_t is not None:
             fixed.sort(key=lambda i: abs(self.slots[i].t - current_t))
         return sorted(fixed[:room] + others)

@@ -197,8 +197,9 @@ class PropagateWidget(Container):
             value=PropagationConfig.max_memory,
             min=2,
             max=1000,
-            tooltip="Most frames the memory holds (painted frames and the previous frame "
-            "included): bounds time and memory per frame on long stacks.",
+            tooltip="Most frames the memory holds (the previous frame and two painted frames "
+            "included; each further painted frame adds one): bounds time and memory per frame "
+            "on long stacks.",
         )
         self._working_size = ComboBox(
             label="work at",
