@@ -40,6 +40,22 @@ def test_previous_frame_is_replaced_not_appended():
     assert read_values(bank) == [0, 2]
 
 
+def test_entry_numbers_name_contents_that_never_change():
+    # What stm-lite keeps per entry (stm_lite._kept_differs) is found by these numbers: an
+    # entry rewritten gets a new one, an entry moved in the buffer keeps its own.
+    bank = MemoryBank(max_frames=4)
+    bank.add(0, entry(0), "reference")
+    bank.add(1, entry(1), "previous")
+    first = bank.entries()
+    bank.add(2, entry(2), "previous")  # the previous slot rewritten in place
+    assert bank.entries()[0] == first[0] and bank.entries()[1] != first[1]
+    bank.add(3, entry(3), "working")
+    moved = bank.entries()[2]
+    bank.discard(("previous",))  # frame 3 moves into the freed slot
+    assert bank.entries() == (first[0], moved) and read_values(bank) == [0, 3]
+    assert len(set(bank.entries())) == len(bank)
+
+
 def test_promote_previous_keeps_it():
     bank = MemoryBank(max_frames=5)
     bank.add(0, entry(0), "reference")

@@ -14,7 +14,14 @@ import napari_stm
 from napari_stm.core.backbones import efficientnet_lite
 from napari_stm.core.engine import PropagationConfig, Propagator
 from napari_stm.core.errors import CheckpointError
-from napari_stm.core.stm_lite import KEY_DIM, MAX_SCALE, VALUE_DIM, STMLite, stm_lite2
+from napari_stm.core.stm_lite import (
+    KEY_DIM,
+    MAX_SCALE,
+    VALUE_DIM,
+    STMLite,
+    _background_values,
+    stm_lite2,
+)
 from napari_stm.core.weights import (
     ModelSpec,
     default_model_name,
@@ -262,3 +269,48 @@ def test_bundled_model_tracks_the_sample_clip():
     ]
     print(f"stm-lite on the sample clip: mean IoU {np.mean(ious):.3f}")
     assert np.mean(ious) > 0.7
+
+
+def test_kept_differs_are_the_computed_differs_bit_for_bit():
+    """Where each object's values differ from the background, kept per memory entry across
+    calls, equals the comparison made afresh: on the first call, on a call that reuses it,
+    on one whose background differs (other objects first) and with a rewritten entry."""
+    gen = torch.Generator().manual_seed(0)
+    n, cv, grid, frames = 5, 3, (4, 5), 3
+    g = grid[0] * grid[1]
+    empty = torch.randn(cv, frames * g, generator=gen)
+    values = empty.expand(n, -1, -1).clone()
+    values[:, -1] = 0  # no soft mask: every object is far everywhere but on its own cells
+    for i in range(n):  # each object its own few cells of frames 1-2, with a soft mask there
+        at = g + torch.randperm((frames - 1) * g, generator=gen)[:4]
+        values[i, :, at] = torch.randn(cv, 4, generator=gen)
+        values[i, -1, at] = 0.9
+    values[2, :-1, 7] = empty[:-1, 7] * (1 + 1e-6)  # a difference to float rounding counts
+    held = torch.ones(n, frames * g, dtype=torch.bool)
+    held[4, :g] = False  # object 4 holds no entry at memory frame 0
+    values[4, :, :g] = 0
+
+    def entries(objects: list[int], caches: list[dict], version: int = 0) -> tuple:
+        return tuple(
+            tuple(
+                None if not held[i, f * g] else (caches[i], (0, 10 * i + f + 100 * version))
+                for f in range(frames)
+            )
+            for i in objects
+        )
+
+    caches: list[dict] = [{} for _ in range(n)]
+    # Computed, reused, reused in another order, and with object 2 first: its value at cell
+    # 7 is then the background there, so the others' kept rows of frame 0 no longer hold.
+    for objects in ([0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [3, 1, 4, 0, 2], [2, 0, 1, 3, 4]):
+        v, h = values[objects], held[objects]
+        expected = _background_values(v, grid, h)
+        got = _background_values(v, grid, h, entries(objects, caches))
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        assert bool(got[1][objects.index(0), 7]) == (objects[0] == 2)
+    assert all(caches), "the rows were kept"
+    # A rewritten entry (a new key) with other values is compared afresh.
+    values[1, :, g + 3] += 1
+    expected = _background_values(values, grid, held)
+    got = _background_values(values, grid, held, entries(list(range(n)), caches, 1))
+    assert torch.equal(got[1], expected[1]) and bool(got[1][1, g + 3])

@@ -12,7 +12,8 @@ buffer's used prefix and no concatenation happens per frame.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -26,6 +27,10 @@ Kind = Literal["reference", "permanent", "working", "previous"]
 #: further one is read beside it (see ``MemoryBank._make_room_for_working``)
 SHARED_REFERENCES = 2
 
+#: a process-wide number for every entry written: an entry's contents never change under its
+#: number (a rewrite gets a new one), so what is derived from them can be kept by it
+_ENTRIES = itertools.count()
+
 
 @dataclass
 class Slot:
@@ -33,6 +38,8 @@ class Slot:
     kind: Kind
     #: when it was written: the working memory forgets the lowest first
     seq: int = 0
+    #: which entry it holds (:data:`_ENTRIES`): a slot moved in the buffer keeps it
+    entry: int = field(default_factory=lambda: next(_ENTRIES))
 
 
 class MemoryBank:
@@ -84,7 +91,7 @@ class MemoryBank:
                 if s.kind == "previous":
                     self._write(i, entry)
                     self._seq += 1
-                    s.t, s.seq = t, self._seq
+                    s.t, s.seq, s.entry = t, self._seq, next(_ENTRIES)
                     return
         else:
             # A frame memorised again (e.g. a correction) replaces its older entry.
@@ -226,6 +233,12 @@ class MemoryBank:
         idx = self._selection(current_t)
         slots = self.slots if idx is None else [self.slots[i] for i in idx]
         return [s.t for s in slots]
+
+    def entries(self, current_t: int | None = None) -> tuple[int, ...]:
+        """The entry number (:class:`Slot`) of each memory frame :meth:`tensors` returns."""
+        idx = self._selection(current_t)
+        slots = self.slots if idx is None else [self.slots[i] for i in idx]
+        return tuple(s.entry for s in slots)
 
     def _selection(self, current_t: int | None) -> list[int] | None:
         """Slots a read sees, in order; None when it sees all of them."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,14 @@ class ObjectPriors:
     #: and keeps frames by its own confidence) then read in one call over the union of their
     #: frames, each object from its own frames only (its prior covers those frames).
     frames: tuple[tuple[int, ...], ...] | None = None
+    #: for each object, for each memory frame of the read, a (cache, key) pair: ``key`` names
+    #: the memory entry the object's values there come from (they never change under it), and
+    #: ``cache`` keeps what the network derives from them across calls and frames (stm-lite's
+    #: ``_background_values``); None where the object holds no entry or it is not known. Not
+    #: part of the priors' identity.
+    entries: tuple[tuple[tuple[dict, tuple[int, int]] | None, ...], ...] | None = field(
+        default=None, compare=False, hash=False
+    )
 
     def objects(self, k: int) -> list[int]:
         """The objects that read with ``priors[k]``."""

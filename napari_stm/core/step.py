@@ -66,6 +66,8 @@ class Read:
     prior: MotionPrior | ObjectPriors | None = None
     #: the frame of each memory frame, in the order of ``keys`` (None: not tracked)
     times: list[int] | None = None
+    #: the bank's entry number of each memory frame (``MemoryBank.entries``; None: unknown)
+    entries: tuple[int, ...] | None = None
 
 
 @dataclass

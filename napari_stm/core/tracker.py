@@ -199,6 +199,9 @@ class Tracker:
         self._last_t: int | None = None
         self._referenced = False
         self.motion = MotionEstimate()
+        #: what stm-lite derived from each (object, memory entry) of this tracker's reads,
+        #: kept across calls (:class:`ObjectPriors` ``entries``); pruned to the bank's entries
+        self._derived: dict[tuple[int, int], Any] = {}
         self.lost = LostWatch()
         #: each object's probability mass at network size on the references (the largest)
         self._reference_mass: dict[int, float] = {}
@@ -300,9 +303,11 @@ class Tracker:
 
     @property
     def memory_nbytes(self) -> int:
-        """Bytes held between steps: the memory bank, the frames kept to re-encode it, and the
-        frame waiting to enter memory (its image, masks and query features)."""
+        """Bytes held between steps: the memory bank, the frames kept to re-encode it, the
+        frame waiting to enter memory (its image, masks and query features) and what the
+        network keeps per memory entry (each kept tensor once: objects share them)."""
         held = [t for pair in self._sources.values() for t in pair]
+        held += list({id(t): t for kept in self._derived.values() for t in kept}.values())
         if self._pending is not None:
             _, image, probs, query, _ = self._pending
             held += [image, probs]
@@ -597,7 +602,14 @@ class Tracker:
     def _read(self, t: int, query: QueryFeatures) -> Read:
         keys, values = self.bank.tensors(t)
         times = self.bank.times(t)
-        return Read(keys, values, self.policy.top_k, self._motion_prior(t, times, query), times)
+        entries = self.bank.entries(t)
+        if self._derived:
+            # Forgotten or rewritten entries: what was derived from them is never asked again.
+            live = {s.entry for s in self.bank.slots}
+            for key in [key for key in self._derived if key[1] not in live]:
+                del self._derived[key]
+        prior = self._motion_prior(t, times, query)
+        return Read(keys, values, self.policy.top_k, prior, times, entries)
 
     def _motion_prior(self, t: int, times: list[int], query: QueryFeatures) -> MotionPrior | None:
         sigma = self.motion_sigma
@@ -962,11 +974,35 @@ def _priors(
         kinds = list(dict.fromkeys(sets))
         owner = tuple(kinds.index(s) for s in sets for _ in range(n))
         priors = tuple(reads[sets.index(s)].prior for s in kinds)
-        return ObjectPriors(priors, owner, tuple(s[0] for s in kinds))
+        entries = _entries(trackers, reads, frames)
+        return ObjectPriors(priors, owner, tuple(s[0] for s in kinds), entries)
     distinct = list(dict.fromkeys(sigmas))
     if len(distinct) == 1:
         return reads[0].prior
     priors = [reads[sigmas.index(s)].prior for s in distinct]
     assert all(p is not None for p in priors), "trackers with and without a prior"
     owner = tuple(distinct.index(s) for s in sigmas for _ in range(n))
-    return ObjectPriors(tuple(p for p in priors if p is not None), owner)
+    entries = _entries(trackers, reads)
+    return ObjectPriors(tuple(p for p in priors if p is not None), owner, entries=entries)
+
+
+def _entries(
+    trackers: list[Tracker], reads: list[Read], frames: list[tuple[int, ...]] | None = None
+) -> tuple[tuple[tuple[dict, tuple[int, int]] | None, ...], ...] | None:
+    """:class:`ObjectPriors` ``entries`` of trackers read in one call: for each object (the
+    trackers' objects in order), for each memory frame of the call (``frames``: where each
+    read's frames are in the union; None: the reads' own, all alike), its tracker's cache
+    and the key (object, bank entry) of its values there; None where it holds none."""
+    if any(r.entries is None for r in reads):
+        return None
+    n = len(trackers[0].object_ids)
+    count = len(reads[0].entries or ()) if frames is None else 1 + max(max(f) for f in frames)
+    out = []
+    for k, (tr, read) in enumerate(zip(trackers, reads, strict=True)):
+        at = range(count) if frames is None else frames[k]
+        for j in range(n):
+            row: list[tuple[dict, tuple[int, int]] | None] = [None] * count
+            for f, entry in zip(at, read.entries or (), strict=True):
+                row[f] = (tr._derived, (j, entry))
+            out.append(tuple(row))
+    return tuple(out)
