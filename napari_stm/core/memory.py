@@ -230,15 +230,16 @@ class MemoryBank:
 
     def times(self, current_t: int | None = None) -> list[int]:
         """The frame of each memory frame :meth:`tensors` returns, in its order."""
-        idx = self._selection(current_t)
-        slots = self.slots if idx is None else [self.slots[i] for i in idx]
-        return [s.t for s in slots]
+        return [s.t for s in self._read_slots(current_t)]
 
     def entries(self, current_t: int | None = None) -> tuple[int, ...]:
         """The entry number (:class:`Slot`) of each memory frame :meth:`tensors` returns."""
+        return tuple(s.entry for s in self._read_slots(current_t))
+
+    def _read_slots(self, current_t: int | None) -> list[Slot]:
+        """The slots :meth:`tensors` reads, in its order."""
         idx = self._selection(current_t)
-        slots = self.slots if idx is None else [self.slots[i] for i in idx]
-        return tuple(s.entry for s in slots)
+        return self.slots if idx is None else [self.slots[i] for i in idx]
 
     def _selection(self, current_t: int | None) -> list[int] | None:
         """Slots a read sees, in order; None when it sees all of them."""
