@@ -302,6 +302,25 @@ def test_trackers_of_one_memory_read_with_the_median_spread_in_one_call():
     assert [tr.motion_sigma for tr in together] == [0.03, 0.12, 0.06]
 
 
+def test_trackers_of_a_fixed_prior_on_a_network_without_object_priors_equal_each_alone():
+    # A network that takes no ObjectPriors (lite0-match) with a fixed motion prior: the
+    # trackers share it and read in one call with it as it is, never as ObjectPriors.
+    model = load_model("lite0-match", device="cpu")
+    frames, labels = make_clip(4, 64, 96, n_objects=3, seed=2, occlusion=False)
+    config = replace(CPU, motion_sigma=0.05)
+    alone, together = (_trackers(model, frames, labels, 3, config) for _ in range(2))
+    assert together[0].motion_sigma == 0.05 and not model.object_priors
+    calls: list = []
+    _count_segments(together[0].runtime, calls)
+    try:
+        for t in range(1, 4):
+            want, got = _step_both(frames[t], alone, together, calls)
+            assert calls == [3]
+            _assert_as_alone(want, got)
+    finally:
+        del together[0].runtime.segment
+
+
 def test_many_one_object_trackers_take_probabilities_from_logits_and_equal_each_alone(
     monkeypatch,
 ):

@@ -1033,7 +1033,10 @@ def _priors(
         entries = _entries(trackers, reads, frames)
         return ObjectPriors(priors, owner, tuple(s[0] for s in kinds), entries)
     distinct = list(dict.fromkeys(sigmas))
-    entries = _entries(trackers, reads)
+    # Only a network taking ObjectPriors gets them (trackers of one prior on another network
+    # read it as it is).
+    takes = getattr(trackers[0].model, "object_priors", False)
+    entries = _entries(trackers, reads) if takes else None
     if len(distinct) == 1 and (entries is None or reads[0].prior is None):
         return reads[0].prior
     # One prior with entries (trackers of one memory, SHARED_PRIOR): ObjectPriors for the
