@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from napari_stm.core import crops, readout
+from napari_stm.core import crops, readout, stm_lite
 from napari_stm.core.readout import ObjectPriors, motion_prior, soft_aggregate
 from napari_stm.core.stm_lite import STMLite
 
@@ -280,6 +280,27 @@ def test_calls_reading_one_memory_decode_its_background_once(net):
         hook.remove()
 
 
+def test_one_prior_with_entries_reads_as_the_plain_prior_bit_for_bit(net):
+    # The trackers of one memory with one shared prior (tracker.SHARED_PRIOR) pass it as
+    # ObjectPriors of one prior, only so that stm-lite keeps what it derives from their
+    # memory entries (_kept_differs): the plain prior's read, bit for bit, first call and
+    # again from what was kept.
+    image0, masks0 = _scene()
+    image1, _ = _scene(offset=4)
+    prior = motion_prior(torch.tensor([1]), (H // 16, W // 16), 0.05)
+    kept: dict = {}
+    entries = tuple(((kept, (i, 7)),) for i in range(3))  # one memory frame, entry 7
+    one = ObjectPriors((prior,), (0, 0, 0), entries=entries)
+    with torch.inference_mode():
+        memory = net.encode_memory(image0, masks0, groups=3)
+        keys, values = memory.keys.flatten(2), memory.values.flatten(2)
+        want = net.segment(net.encode_query(image1), keys, values, None, prior)
+        first = net.segment(net.encode_query(image1), keys, values, None, one)
+        assert kept  # the differences were kept with the entries
+        again = net.segment(net.encode_query(image1), keys, values, None, one)
+    assert torch.equal(first, want) and torch.equal(again, want)
+
+
 @pytest.mark.parametrize("mixed", [False, True])
 def test_windows_read_sparsely_as_densely(net, monkeypatch, mixed):
     # Each window reads only the memory positions where its object's values differ from the
@@ -313,13 +334,17 @@ def test_windows_read_sparsely_as_densely(net, monkeypatch, mixed):
     assert torch.allclose(got, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("share", [0.0, 0.5])
-def test_objects_over_different_memories_read_in_one_call(net, share):
+@pytest.mark.parametrize(("share", "one_background"), [(0.0, True), (0.5, False), (0.5, True)])
+def test_objects_over_different_memories_read_in_one_call(net, monkeypatch, share, one_background):
     # ObjectPriors.frames: one-object trackers whose memories diverged (a CVAT request's
     # trackers admit frames by their own confidence) read in one call over the union of
     # their memory frames, each object from its own frames with its own prior; each equals
-    # the call of its own memory (the windows too: their reads are exact, and each memory
-    # decodes its own background).
+    # the call of its own memory (the windows too: their reads are exact, and without
+    # ONE_BACKGROUND each memory decodes its own background). With ONE_BACKGROUND the call
+    # decodes only its most held memory's background: those objects still equal their own
+    # memory's call, the others do on their window (where they are) and within the windows'
+    # tolerance outside it.
+    monkeypatch.setattr(stm_lite, "ONE_BACKGROUND", one_background)
     image0, masks0 = _scene()
     image_mid, masks_mid = _scene(offset=2)
     image1, _ = _scene(offset=4)
@@ -352,6 +377,13 @@ def test_objects_over_different_memories_read_in_one_call(net, share):
     finally:
         net.crop_share = STMLite.crop_share
         hook.remove()
-    assert torch.allclose(got, torch.cat([a, b]), atol=1e-5)
-    # windows: one background decode a memory; the exact network: each object on the frame
-    assert decodes == ([1, 1] if share else [4])
+    if not share or not one_background:
+        assert torch.allclose(got, torch.cat([a, b]), atol=1e-5)
+        # windows: one background decode a memory; the exact network: each object on the frame
+        assert decodes == ([1, 1] if share else [4])
+        return
+    assert decodes == [1]  # the most held memory's only (a tie: the first)
+    assert torch.allclose(got[:2], a, atol=1e-5)
+    on = b > 0.5
+    assert on.any() and torch.allclose(got[2:][on], b[on], atol=1e-5)
+    assert (got[2:] - b).abs().max() < 0.05

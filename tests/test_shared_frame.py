@@ -9,7 +9,8 @@ import torch
 
 from napari_stm.core.engine import PropagationConfig, SharedFrame, Tracker, step_trackers
 from napari_stm.core.frames import crop_padding, foreground_box
-from napari_stm.core.motion import won_centres
+from napari_stm.core.motion import MotionEstimate, won_centres
+from napari_stm.core.readout import MotionPrior
 from napari_stm.core.runtime import Runtime
 from napari_stm.core.step import MANY_OBJECTS
 from napari_stm.core.weights import load_model
@@ -244,10 +245,13 @@ def test_a_large_cohort_goes_in_bounded_calls_and_equals_each_tracker_alone(monk
         del runtime.segment, runtime.encode_memory
 
 
-def test_trackers_of_different_motion_read_in_one_call_and_equal_each_alone():
+def test_trackers_of_different_motion_read_in_one_call_and_equal_each_alone(monkeypatch):
     # stm-lite takes each object's own motion prior (ObjectPriors): one-object trackers
     # whose measured motion differs still read in one call (at this size the windows do not
     # pay, so the exact network: each equals its tracker alone to float rounding).
+    from napari_stm.core import tracker as tracking
+
+    monkeypatch.setattr(tracking, "SHARED_PRIOR", False)
     frames, alone, together, calls = _three_twice("stm-lite", n_frames=4)
     try:
         for t in range(1, 4):
@@ -261,10 +265,71 @@ def test_trackers_of_different_motion_read_in_one_call_and_equal_each_alone():
         del together[0].runtime.segment
 
 
-def test_many_one_object_trackers_take_probabilities_from_logits_and_equal_each_alone():
+class _Spread(MotionEstimate):
+    """A motion estimate of a fixed spread (as measured, or not, it stays)."""
+
+    def __init__(self, sigma: float) -> None:
+        super().__init__()
+        self.fixed = sigma
+
+    @property
+    def sigma(self) -> float:
+        return self.fixed
+
+
+def test_trackers_of_one_memory_read_with_the_median_spread_in_one_call():
+    # SHARED_PRIOR: one-object trackers of one memory whose spreads differ read with ONE
+    # prior, the lower median of their spreads (one weight set, one background read): each
+    # equals its tracker alone with that spread, to float rounding; the trackers' own
+    # motion estimates are not touched. (A request of one shape reads with its own spread:
+    # test_step_trackers_with_one_tracker_is_its_step_bit_for_bit.)
+    frames, alone, together, calls = _three_twice("stm-lite", n_frames=4)
+    for tr, sigma in zip(together, (0.03, 0.12, 0.06), strict=True):
+        tr.motion = _Spread(sigma)
+    for tr in alone:
+        tr.motion = _Spread(0.06)  # the lower median of 0.03, 0.06, 0.12
+    read = together[0].runtime.segment
+    priors: list = []
+    together[0].runtime.segment = lambda *a, **kw: priors.append(a[4]) or read(*a, **kw)
+    try:
+        for t in range(1, 4):
+            want, got = _step_both(frames[t], alone, together, priors)
+            assert len(priors) == 1  # one call, with one prior (ObjectPriors for entries)
+            assert isinstance(priors[0], MotionPrior) or len(priors[0].priors) == 1
+            _assert_as_alone(want, got)
+    finally:
+        del together[0].runtime.segment
+    assert [tr.motion_sigma for tr in together] == [0.03, 0.12, 0.06]
+
+
+def test_trackers_of_a_fixed_prior_on_a_network_without_object_priors_equal_each_alone():
+    # A network that takes no ObjectPriors (lite0-match) with a fixed motion prior: the
+    # trackers share it and read in one call with it as it is, never as ObjectPriors.
+    model = load_model("lite0-match", device="cpu")
+    frames, labels = make_clip(4, 64, 96, n_objects=3, seed=2, occlusion=False)
+    config = replace(CPU, motion_sigma=0.05)
+    alone, together = (_trackers(model, frames, labels, 3, config) for _ in range(2))
+    assert together[0].motion_sigma == 0.05 and not model.object_priors
+    calls: list = []
+    _count_segments(together[0].runtime, calls)
+    try:
+        for t in range(1, 4):
+            want, got = _step_both(frames[t], alone, together, calls)
+            assert calls == [3]
+            _assert_as_alone(want, got)
+    finally:
+        del together[0].runtime.segment
+
+
+def test_many_one_object_trackers_take_probabilities_from_logits_and_equal_each_alone(
+    monkeypatch,
+):
     # From MANY_OBJECTS one-object trackers a call on stm-lite asks the network for logits
     # and forms the probabilities from them (readout.one_object_probs): each tracker still
-    # gets what it gets alone.
+    # gets what it gets alone (each with its own prior: without SHARED_PRIOR).
+    from napari_stm.core import tracker as tracking
+
+    monkeypatch.setattr(tracking, "SHARED_PRIOR", False)
     model = load_model("stm-lite", device="cpu")
     k = MANY_OBJECTS
     frames, labels = make_clip(3, 96, 128, n_objects=k, seed=4, occlusion=False)
@@ -288,11 +353,17 @@ def test_many_one_object_trackers_take_probabilities_from_logits_and_equal_each_
         del runtime.segment
 
 
-def test_trackers_over_other_memories_read_in_one_call_on_stm_lite():
+def test_trackers_over_other_memories_read_in_one_call_on_stm_lite(monkeypatch):
     # stm-lite takes ObjectPriors over different memory frames: trackers whose memories
     # differ (here one started a frame later; in a CVAT request, memories the bounded
     # policy's gate let diverge) read in one call over the union of their frames, each from
-    # its own frames with its own prior, and each equals its tracker alone.
+    # its own frames with its own prior, and each equals its tracker alone (without the
+    # approximations SHARED_PRIOR and ONE_BACKGROUND, tested on their own).
+    from napari_stm.core import stm_lite
+    from napari_stm.core import tracker as tracking
+
+    monkeypatch.setattr(tracking, "SHARED_PRIOR", False)
+    monkeypatch.setattr(stm_lite, "ONE_BACKGROUND", False)
     model = load_model("stm-lite", device="cpu")
     frames, labels = make_clip(5, 64, 96, n_objects=3, seed=4, occlusion=False)
 

@@ -464,21 +464,26 @@ class STMLite(VOSNetwork):
         :class:`ObjectPriors`: each object's soft mask, window and whole-frame read are read
         with its own prior's weights (over its own memory frames, ``ObjectPriors.frames``);
         the background read of each distinct memory, with the prior most of its objects have
-        (one whole-frame decode a memory, not one per prior). For the others that is one more
-        approximation outside their windows (docs/performance.md measures it).
+        (one whole-frame decode a memory, not one per prior; with :data:`ONE_BACKGROUND`, of
+        the most held memory only). For the others that is one more approximation outside
+        their windows (docs/performance.md measures it).
         """
         dec = self.decoder
         f16 = query.extra["f16"]
         h, w = query.key.shape[-2:]
         n, cv, m = values.shape
         sets: readout.WeightSets | None = None
-        if isinstance(prior, ObjectPriors):
+        # One prior over every frame (a request's trackers of one memory, tracker.SHARED_PRIOR,
+        # which pass ObjectPriors for its entries only): the plain read.
+        one = isinstance(prior, ObjectPriors) and len(prior.priors) == 1 and prior.frames is None
+        if isinstance(prior, ObjectPriors) and not one:
             cols = prior.columns(h * w, keys.device)
             sets = readout.WeightSets(keys, reader, 1.0, prior.priors, cols)
             owners = prior.owner
         else:
+            plain = prior.priors[0] if isinstance(prior, ObjectPriors) else prior
             cols, owners = [None], (0,) * n
-            weights = dense_weights(keys, reader, 1.0, prior).to(values.dtype)  # [P, M]
+            weights = dense_weights(keys, reader, 1.0, plain).to(values.dtype)  # [P, M]
         dense: dict[int, Tensor] = {}  # sets' whole weights, where needed ([P, M_k])
 
         def dense_of(k: int) -> Tensor:
@@ -534,6 +539,8 @@ class STMLite(VOSNetwork):
 
         # One background decode per distinct memory, read with its objects' main prior.
         memories = prior.memories() if isinstance(prior, ObjectPriors) else [(0, list(range(n)))]
+        if ONE_BACKGROUND:  # every object outside its window: the most held memory's
+            memories = [(memories[0][0], list(range(n)))]
         bg_read_of = {k: dense_of(k) @ background_at(k).T for k, _ in memories}  # [P, Cv]
 
         def refine(background: Tensor) -> Tensor:
@@ -703,8 +710,18 @@ def _per_frame(query: QueryFeatures, name: str, make: Callable[[], Tensor]) -> T
 #: empty-mask values, pasted or computed on a window to float rounding (measured on the bench
 #: video's 100 objects, when the background was still a mean over objects: up to 2.3e-5 of
 #: the span between calls on the same memory, moving the refined logits by up to 3.2e-5; 0.23
-#: and more where the memory differed)
-BACKGROUND_SAME = 1e-4
+#: and more where the memory differed). Since the background is one far object's copy and
+#: the request's trackers of one memory read with one prior (tracker.SHARED_PRIOR), the
+#: calls of one memory differed by 2.8e-4 - 3.2e-4 (at under 1% of the positions) from the
+#: bench's frame 6 on, over 1e-4: every call decoded the same background again.
+BACKGROUND_SAME = 1e-3
+#: a call over several memories (:class:`ObjectPriors` ``frames``) decodes the background
+#: read of its most held memory only, and every object takes it outside its window; False:
+#: one whole-frame decode a memory (exact: each object as in its own memory's call). The
+#: memories of a CVAT request diverge a frame or two apart (each tracker's policy admits
+#: frames by itself), and the call holding them decoded 4-8 backgrounds a late 100-object
+#: frame (docs/performance.md, twelfth session: what it changes)
+ONE_BACKGROUND = True
 
 
 def _background_refined(

@@ -11,7 +11,7 @@ the one step function (core/step.py).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -780,9 +780,13 @@ def _plan(
                 break
         else:
             groups.append((like, [[member]]))
-    for _, memories in groups:
+    sigma_of: dict[int, float | None] = {}  # the spread each read's prior was made with
+    for like, memories in groups:
         # The most held memory first: a bounded call then holds as few memories as it can.
         memories.sort(key=len, reverse=True)
+        if like[4] == "own" and SHARED_PRIOR:
+            for memory in memories:
+                memory[:] = _shared_prior(trackers, memory, sigma_of)
         group = [(m, which) for which, memory in enumerate(memories) for m in memory]
         first = group[0][0][0]
         _, image, query = inputs[first]  # one frame key per group: one image and query
@@ -790,11 +794,60 @@ def _plan(
             index = [i for (i, _, _), _ in members]
             reads = [r for (_, r, _), _ in members]
             alike = [(which, gaps) for (_, _, gaps), which in members]
-            outs = _step_together([trackers[i] for i in index], reads, image, query, alike)
+            sigmas = [sigma_of.get(i, trackers[i].motion_sigma) for i in index]
+            outs = _step_together([trackers[i] for i in index], reads, image, query, alike, sigmas)
             for i, out in zip(index, outs, strict=True):
                 plans[i] = _Plan(trackers[i].revision, times[i], inputs[i][1], out)
     assert all(plan is not None for plan in plans)
     return plans  # type: ignore[return-value]
+
+
+#: the one-object trackers of a request that read one memory (equal keys, equal gaps) read
+#: it with ONE motion prior, of the lower median of their spreads, instead of each its own
+#: (:func:`_shared_prior`); False: each tracker's own prior (each result then equals the
+#: tracker's alone to float rounding and the windows' tolerance)
+SHARED_PRIOR = True
+
+
+def _shared_prior(
+    trackers: list[Tracker],
+    memory: list[tuple[int, Read, tuple | None]],
+    sigma_of: dict[int, float | None],
+) -> list[tuple[int, Read, tuple | None]]:
+    """``memory``'s members (index, read, gaps) with one motion prior for each run of equal
+    gaps: that of the lower median of its trackers' spreads (``sigma_of``: each index's
+    spread, written here).
+
+    Each one-object tracker of a CVAT request measures its own motion, so a request's reads
+    of one memory differ only in their spread; read together, every distinct prior is a
+    weight set of its own (a dense [P, M] softmax where its band is wide), rows, a
+    background read and, per network call, a whole-frame background decode: 100 trackers
+    cost 12x one tracker where 100 objects of one tracker cost 6.5x (docs/performance.md,
+    eleventh and twelfth sessions). One prior a memory, as a tracker of many objects
+    reads with one measured motion (the median object's, core/motion.py), keeps those
+    costs per memory. An approximation for the trackers whose own spread differs from the
+    median (the bench's and the cell data's figures are in docs/performance.md); a tracker
+    alone (one shape) reads with its own, as ever. The lower median is one tracker's own
+    spread, so that tracker reads as before."""
+    runs: dict[tuple | None, list[int]] = {}
+    for j, (_, read, gaps) in enumerate(memory):
+        if read.prior is not None and not isinstance(read.prior, ObjectPriors):
+            runs.setdefault(gaps, []).append(j)
+    out = list(memory)
+    for gaps, js in runs.items():
+        sigmas = [trackers[memory[j][0]].motion_sigma for j in js]
+        if len(js) < 2 or gaps is None or None in sigmas:
+            continue
+        shared = sorted(sigmas)[(len(sigmas) - 1) // 2]  # type: ignore[type-var]
+        assert shared is not None
+        owner = memory[js[sigmas.index(shared)]]
+        prior = owner[1].prior
+        for j in js:
+            i, read, _ = memory[j]
+            sigma_of[i] = shared
+            if read.prior is not prior:
+                out[j] = (i, replace(read, prior=prior), gaps)
+    return out
 
 
 def flush_trackers(trackers: Sequence[Tracker]) -> None:
@@ -864,22 +917,25 @@ def _step_together(
     image: Tensor,
     query: QueryFeatures,
     alike: list[tuple[int, tuple | None]] | None = None,
+    sigmas: list[float | None] | None = None,
 ) -> list[StepOutput]:
     """One step for trackers with the same read settings (see :func:`step_trackers`): their
     memory values side by side, one network call. ``alike``: each tracker's memory (trackers
     of one memory hold equal keys) and gaps to its memory frames; over several memories (a
-    network taking :class:`ObjectPriors`), the call reads the union of their frames."""
+    network taking :class:`ObjectPriors`), the call reads the union of their frames.
+    ``sigmas``: the spread each read's prior was made with (default: each tracker's own)."""
     first = trackers[0]
     n = len(first.object_ids)
     read = reads[0]
     if len(trackers) > 1 and alike is not None and len({m for m, _ in alike}) > 1:
         grid = query.key.shape[-2] * query.key.shape[-1]
         keys, values, frames = _union(reads, [m for m, _ in alike], grid)
-        prior = _priors(trackers, reads, frames, [g for _, g in alike])
+        prior = _priors(trackers, reads, frames, [g for _, g in alike], sigmas)
         read = Read(keys, values, read.top_k, prior)
     elif len(trackers) > 1:
         values = torch.cat([r.values for r in reads], dim=0)
-        read = Read(read.keys, values, read.top_k, _priors(trackers, reads), read.times)
+        prior = _priors(trackers, reads, sigmas=sigmas)
+        read = Read(read.keys, values, read.top_k, prior, read.times)
     out = step(
         first.runtime,
         image,
@@ -955,15 +1011,15 @@ def _priors(
     reads: list[Read],
     frames: list[tuple[int, ...]] | None = None,
     gaps: list[tuple | None] | None = None,
+    sigmas: list[float | None] | None = None,
 ) -> MotionPrior | ObjectPriors | None:
     """The motion prior of trackers read in one call: theirs, or where their measured motion
     differs (a network with ``object_priors``), each tracker's objects their own; over the
     union of different memories (``frames``: each read's, ``gaps``: to each of them), each
-    tracker's objects their own prior over their own frames."""
-    sigmas = [
-        tr.motion_sigma if r.prior is not None else None
-        for tr, r in zip(trackers, reads, strict=True)
-    ]
+    tracker's objects their own prior over their own frames. ``sigmas``: the spread each
+    read's prior was made with (default: each tracker's own)."""
+    made = [tr.motion_sigma for tr in trackers] if sigmas is None else sigmas
+    sigmas = [s if r.prior is not None else None for s, r in zip(made, reads, strict=True)]
     n = len(trackers[0].object_ids)
     if frames is not None:
         assert gaps is not None
@@ -977,12 +1033,17 @@ def _priors(
         entries = _entries(trackers, reads, frames)
         return ObjectPriors(priors, owner, tuple(s[0] for s in kinds), entries)
     distinct = list(dict.fromkeys(sigmas))
-    if len(distinct) == 1:
+    # Only a network taking ObjectPriors gets them (trackers of one prior on another network
+    # read it as it is).
+    takes = getattr(trackers[0].model, "object_priors", False)
+    entries = _entries(trackers, reads) if takes else None
+    if len(distinct) == 1 and (entries is None or reads[0].prior is None):
         return reads[0].prior
+    # One prior with entries (trackers of one memory, SHARED_PRIOR): ObjectPriors for the
+    # entries' sake (stm-lite keeps what it derives from them), read as the one prior.
     priors = [reads[sigmas.index(s)].prior for s in distinct]
     assert all(p is not None for p in priors), "trackers with and without a prior"
     owner = tuple(distinct.index(s) for s in sigmas for _ in range(n))
-    entries = _entries(trackers, reads)
     return ObjectPriors(tuple(p for p in priors if p is not None), owner, entries=entries)
 
 
