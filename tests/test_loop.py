@@ -12,7 +12,7 @@ from tiny_network import TinyMatch, TinyMatchWithPrior, mean_iou
 from napari_stm.core import fuse
 from napari_stm.core.engine import PropagationConfig, Propagator, Tracker
 from napari_stm.core.errors import InputError
-from napari_stm.core.plan import plan_passes
+from napari_stm.core.plan import LONG_STRETCH, plan_passes
 from napari_stm.core.readout import memory_read, motion_prior, read_weights
 from napari_stm.synthetic import make_clip, make_timelapse
 
@@ -380,6 +380,41 @@ def test_the_backward_side_reads_the_two_ends_of_its_stretch_only(tiny_model, cl
     for t in range(7, 12):
         read = set(prop._reads["store"][t].memory)
         assert {6, 12} <= read and not {0, 1} & read
+
+
+def test_the_backward_side_of_a_long_stretch_reads_no_previous_frame(tiny_model):
+    # Its previous frame is its own last guess after a long walk, read at a gap of one: it
+    # outweighed the true mask of the stretch's first reference even beside it (DAVIS
+    # flamingo, references 0 and 55: backward side J 0.66 on frame 1, 0.85 without it), and
+    # the correction lowered mean J. A short stretch's backward side and every plain pass
+    # still read it. No working memory here (mem_every beyond the clip): a read sees the
+    # references and, where allowed, the previous frame.
+    short, long = 6, LONG_STRETCH + 1
+    n = short + long + 3
+    video, gt = make_clip(n_frames=n, height=H, width=W, seed=0)
+    config = PropagationConfig(device="cpu", mem_every=n)
+    refs = (0, short, short + long)
+    plan = plan_passes("both", list(refs), 0, n)
+    stores = {p.span: p.reads_previous for p in plan if p.mode == "store"}
+    assert stores == {(0, short): True, (short, short + long): False}
+    assert all(p.reads_previous for p in plan if p.mode != "store")
+    prop = Propagator(tiny_model, video, config)
+    for t in refs:
+        prop.add_reference(t, gt[t])
+    list(prop.propagate("both"))
+    store = {t: r.memory for t, r in prop._reads["store"].items()}
+    for t in range(1, short - 1):
+        assert sorted(store[t]) == [0, t + 1, short], f"frame {t}"
+    for t in range(short + 1, short + long):
+        assert sorted(store[t]) == [short, short + long], f"frame {t}"
+    # The one-reference passes read their previous frame, however long.
+    for direction, ref in (("forward", 0), ("backward", n - 1)):
+        prop = Propagator(tiny_model, video, config)
+        prop.add_reference(ref, gt[ref])
+        list(prop.propagate(direction))
+        step = 1 if direction == "forward" else -1
+        for t in range(2, n - 2):
+            assert sorted(prop._reads["yield"][t].memory) == sorted([ref, t - step]), t
 
 
 def test_a_correction_takes_nothing_from_the_forward_sides_memory(tiny_model, clip):

@@ -221,6 +221,29 @@ def test_confidence_gate_keeps_uncertain_frames_out(tiny_model):
         assert tr.bank.frames("working") == [2] and tr.bank.frames("previous") == []
 
 
+def test_a_read_without_the_previous_frame_still_sees_the_kept_ones(tiny_model):
+    # segment(previous=False), the backward side of a long stretch (plan.Pass.reads_previous):
+    # the frame waiting to enter memory goes in only if the policy keeps it, as working
+    # memory; one that would only have been the previous frame is dropped, and so is an
+    # older previous-frame entry.
+    tr, frames, labels = _tracker(tiny_model, mem_every=2, confidence_gate=0.0)
+    with torch.inference_mode():
+        for t in (1, 2, 3, 4):
+            image, _ = _at_network(tr, frames[t], labels[t])
+            out = tr.segment(t, image)
+            tr.remember(t, image, out.probs, out.query)
+        # Frame 2 is working memory, 3 the previous frame, 4 (kept) waits to enter.
+        assert tr.bank.frames("working") == [2] and tr.bank.frames("previous") == [3]
+        image, _ = _at_network(tr, frames[5], labels[5])
+        out = tr.segment(5, image, previous=False)
+        assert out.read.times is not None and sorted(out.read.times) == [0, 2, 4]
+        assert tr.bank.frames("working") == [2, 4] and tr.bank.frames("previous") == []
+        tr.remember(5, image, out.probs, out.query)  # not kept: only a previous frame
+        out = tr.segment(6, image, previous=False)
+        assert out.read.times is not None and sorted(out.read.times) == [0, 2, 4]
+        assert tr.bank.frames("previous") == [] and tr._pending is None
+
+
 def test_gate_zero_keeps_everything(tiny_model):
     tr, frames, _ = _tracker(tiny_model, mem_every=1, confidence_gate=0.0)
     for t in range(1, 5):

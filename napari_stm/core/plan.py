@@ -6,7 +6,8 @@ its start; ``both`` walks outwards from the outer references and, between two re
 backwards (its probabilities stored) and then forwards, taking each object from one side
 or both (core/fuse.py). A pass reads the references among its own frames (:attr:`Pass.reads`): a
 stretch's forward side reads the reference it starts from, and the other end reaches its frames
-through the fusion; the backward side also reads the stretch's first reference. In
+through the fusion; the backward side also reads the stretch's first reference and, on a long
+stretch, not its own previous frame (:attr:`Pass.reads_previous`). In
 ``both`` one forward side walks on from the first reference to the end
 (:attr:`Pass.walks_on`), so a reference changes the frames from the reference before it to the
 end (:func:`affected`).
@@ -22,6 +23,9 @@ from napari_stm.core.config import Direction
 from napari_stm.core.errors import InputError
 
 DIRECTIONS = ("forward", "backward", "both")
+#: the backward side of a stretch longer than this many frames does not read its previous
+#: frame (:meth:`Pass.reads_previous`)
+LONG_STRETCH = 20
 
 
 @dataclass
@@ -60,6 +64,20 @@ class Pass:
         if self.mode == "store":
             return set(self.frames) | {self.span[0]}
         return set(self.frames)
+
+    @property
+    def reads_previous(self) -> bool:
+        """Whether the reads of this pass see its previous frame (its own guess of the
+        frame before, a temporary memory entry). Not on the backward side of a stretch longer
+        than :data:`LONG_STRETCH`: there the previous frame carries the drift of a long walk
+        and, read at a gap of one (the read's closest match, and the motion prior favours it),
+        outweighs the true mask of a even beside a; the backward side was then clearly worse
+        than the forward side on the frames near a, and their mean lowered J there. On a short
+        stretch the previous frame has drifted little and the backward side gains from it.
+        Frames kept as working memory are still read. Measurements in docs/architecture.md
+        ("The backward side of a long stretch reads no previous frame")."""
+        a, b = self.span
+        return self.mode != "store" or b - a <= LONG_STRETCH
 
     @property
     def yields(self) -> list[int]:

@@ -452,7 +452,7 @@ class Propagator:
                 continue
             image = frames.get(t)
             sigma = tracker.motion_sigma  # the read's; the step then measures this frame
-            out = tracker.segment(t, image)
+            out = tracker.segment(t, image, previous=plan.reads_previous)
             probs = out.probs
             # The class maximum of the step's own probabilities, computed once for the read
             # record, the labels and the confidence (many objects; fused probabilities differ).

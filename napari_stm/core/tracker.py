@@ -474,11 +474,19 @@ class Tracker:
         self.revision += 1
         self._store(t, image, probs, entry, "reference")
 
-    def segment(self, t: int, image: Tensor, query: QueryFeatures | None = None) -> StepOutput:
+    def segment(
+        self,
+        t: int,
+        image: Tensor,
+        query: QueryFeatures | None = None,
+        previous: bool = True,
+    ) -> StepOutput:
         """Frame ``t`` from the memory: its probabilities ``probs`` [N+1, Hp, Wp] at padded
         network size, its query features and the read they came from. ``query``: the frame's
-        query features when already computed (by another tracker on the same frame)."""
-        n = self._begin(t)
+        query features when already computed (by another tracker on the same frame);
+        ``previous``: whether the read sees the previous frame (the pass decides,
+        :meth:`napari_stm.core.plan.Pass.reads_previous`)."""
+        n = self._begin(t, previous)
         if n == 0:
             return self._nothing(image)
         out = step(
@@ -493,9 +501,11 @@ class Tracker:
         self._observe(t, out)
         return out
 
-    def _begin(self, t: int) -> int:
-        """Before frame ``t`` is read: the pending frame written; how many objects to segment."""
-        self._flush_pending()
+    def _begin(self, t: int, previous: bool = True) -> int:
+        """Before frame ``t`` is read: the pending frame written (``previous`` False: only if
+        the policy keeps it, and no previous-frame entry is read); how many objects to
+        segment."""
+        self._flush_pending(previous=previous)
         self._visit(t)
         return len(self.object_ids)
 
@@ -636,8 +646,14 @@ class Tracker:
         for old in [s for s in self._sources if s not in live]:
             del self._sources[old]
 
-    def _flush_pending(self, entry: MemoryEntry | None = None) -> None:
-        """Write the frame waiting to enter memory (``entry``: already encoded)."""
+    def _flush_pending(self, entry: MemoryEntry | None = None, previous: bool = True) -> None:
+        """Write the frame waiting to enter memory (``entry``: already encoded). ``previous``
+        False: the next read sees no previous-frame entry, so the waiting frame enters only if
+        the policy keeps it, and an older previous-frame entry is forgotten."""
+        if not previous:
+            if self._pending is not None and not self._pending[4]:
+                self._pending = None
+            self.bank.discard(("previous",))
         if self._pending is None:
             return
         t, image, probs, query, keep = self._pending
