@@ -251,11 +251,11 @@ def test_interrupted_run_leaves_only_whole_frames(tmp_path, files, monkeypatch):
     real = engine.Tracker.segment
     calls = {"n": 0}
 
-    def interrupted(self, t, image):
+    def interrupted(self, t, image, **kwargs):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt
-        return real(self, t, image)
+        return real(self, t, image, **kwargs)
 
     monkeypatch.setattr(engine.Tracker, "segment", interrupted)
     out = tmp_path / "out"

@@ -160,9 +160,9 @@ def test_a_correction_recomputes_what_it_affects_as_a_fresh_run_would(
     steps = []
     segment = Tracker.segment
 
-    def counted(self, t, image):
+    def counted(self, t, image, **kwargs):
         steps.append(t)
-        return segment(self, t, image)
+        return segment(self, t, image, **kwargs)
 
     monkeypatch.setattr(Tracker, "segment", counted)
     _run(qtbot, widget)
