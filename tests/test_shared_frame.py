@@ -391,8 +391,9 @@ def test_trackers_over_other_memories_read_in_one_call_on_stm_lite(monkeypatch):
 
 def test_many_trackers_results_and_motion_from_one_pass_equal_each_trackers_own():
     # With many objects in a call, each tracker's labels box and motion centres come from ONE
-    # pass over every tracker's class maximum (frames.foreground_boxes, motion.won_centres);
-    # they equal what each tracker computes from its own maximum, bit for bit.
+    # pass over every tracker's class maximum (its nonzero positions: frames.boxes_at,
+    # motion.won_centres); they equal what each tracker computes from its own maximum, bit
+    # for bit.
     from napari_stm.core import tracker as tracking
 
     model = load_model("stm-lite", device="cpu")

@@ -24,11 +24,11 @@ from napari_stm.core.errors import InputError
 from napari_stm.core.frames import (
     FrameReader,
     Geometry,
+    boxes_at,
     check_labels,
     crop_padding,
     fit_side,
     foreground_box,
-    foreground_boxes,
     from_network,
     label_dtype,
     labels_window,
@@ -955,11 +955,13 @@ def _step_together(
     boxes: list[tuple[slice, slice] | None] = [None] * k_all
     centres: list[tuple[Tensor, Tensor] | None] = [None] * k_all
     if top is not None and first.geo is not None:
-        # What each tracker's result and motion take from its maximum, for all in one pass.
-        boxes = foreground_boxes(crop_padding(top[1], first.geo))
+        # What each tracker's result and motion take from its maximum, for all from one
+        # pass: the object pixels' positions, the boxes and centres from those.
+        at = top[1].nonzero(as_tuple=True)
+        boxes = boxes_at(at, k_all, top[1].shape[-2:], first.geo)
         if any(tr.policy.measures_motion for tr in trackers):
-            mass, at = won_centres(top, n)
-            centres = [(mass[k], at[k]) for k in range(k_all)]
+            mass, middle = won_centres(top, n, at)
+            centres = [(mass[k], middle[k]) for k in range(k_all)]
     return [
         StepOutput(
             None if out.logits is None else out.logits[k],
