@@ -19,7 +19,7 @@ from napari_stm.core.frames import (
     check_labels,
     crop_padding,
     fit_side,
-    foreground_boxes,
+    foreground_box,
     from_network,
     geometry,
     object_diameters,
@@ -320,8 +320,8 @@ def test_read_only_byte_frames_are_read_without_a_warning():
 
 @pytest.mark.parametrize("pad", [(0, 0, 0, 0), (3, 5, 2, 4)])
 def test_boxes_from_object_positions_equal_the_boxes_of_the_maps(pad):
-    # boxes_at: the boxes of the unpadded part from the nonzero positions of the padded maps,
-    # the same integers as foreground_boxes of the cropped maps (objects in the padding only,
+    # boxes_at: the boxes of the unpadded parts from the nonzero positions of the padded maps,
+    # the same integers as foreground_box of each cropped map (objects in the padding only,
     # none at all, one pixel, a frame's corners).
     g = torch.Generator().manual_seed(3)
     h, w = 20, 30
@@ -336,7 +336,7 @@ def test_boxes_from_object_positions_equal_the_boxes_of_the_maps(pad):
     cls[4] = 0
     cls[4, pad[2], pad[0]] = cls[4, pad[2] + h - 1, pad[0] + w - 1] = 1
     got = boxes_at(cls.nonzero(as_tuple=True), len(cls), size, geo)
-    assert got == foreground_boxes(crop_padding(cls, geo))
+    assert got == [foreground_box(c) for c in crop_padding(cls, geo)]
     assert got[1] == (slice(0, 0), slice(0, 0))
     assert got[3] == (slice(4, 5), slice(7, 8))
     assert got[4] == (slice(0, h), slice(0, w))

@@ -158,31 +158,10 @@ def foreground_box(cls: Tensor) -> tuple[slice, slice]:
     return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
 
 
-def foreground_boxes(cls: Tensor) -> list[tuple[slice, slice]]:
-    """:func:`foreground_box` of each class map of ``cls`` [B, H, W] in one pass (the trackers
-    of one network call: 100 maps one by one took 50 ms of a 480p frame on CPU)."""
-    fg = cls != 0
-    rows, cols = fg.any(2), fg.any(1)
-    h, w = rows.shape[1], cols.shape[1]
-    # argmax gives the first maximum: the first row (column) holding an object, from each end.
-    ends = torch.stack(
-        [
-            rows.any(1).long(),
-            rows.to(torch.uint8).argmax(1),
-            h - rows.flip(1).to(torch.uint8).argmax(1),
-            cols.to(torch.uint8).argmax(1),
-            w - cols.flip(1).to(torch.uint8).argmax(1),
-        ],
-        dim=1,
-    ).tolist()
-    empty = (slice(0, 0), slice(0, 0))
-    return [(slice(r0, r1), slice(c0, c1)) if on else empty for on, r0, r1, c0, c1 in ends]
-
-
 def boxes_at(
     at: tuple[Tensor, Tensor, Tensor], batch: int, size: tuple[int, int], geo: Geometry
 ) -> list[tuple[slice, slice]]:
-    """:func:`foreground_boxes` of the unpadded part of class maps [``batch``, *``size``] at
+    """:func:`foreground_box` of each unpadded part of class maps [``batch``, *``size``] at
     network size, from their non-background pixels' positions ``at`` (map, row, column), as
     ``nonzero(as_tuple=True)`` gives them: the trackers of one network call find those
     positions anyway (:func:`~napari_stm.core.motion.won_centres`), and boxes from them cost
@@ -199,9 +178,7 @@ def boxes_at(
     hi = where.new_full((batch, 2), -1).scatter_reduce_(0, index, where, "amax")
     empty = (slice(0, 0), slice(0, 0))
     ends = torch.cat([lo, hi + 1], dim=1).tolist()
-    return [
-        (slice(r0, r1), slice(c0, c1)) if r1 > 0 else empty for r0, c0, r1, c1 in ends
-    ]
+    return [(slice(r0, r1), slice(c0, c1)) if r1 > 0 else empty for r0, c0, r1, c1 in ends]
 
 
 def labels_window(
