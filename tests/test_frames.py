@@ -14,8 +14,12 @@ from napari_stm.core.frames import (
     MIN_FIT_SIDE,
     PERCENTILES,
     FrameReader,
+    Geometry,
+    boxes_at,
     check_labels,
+    crop_padding,
     fit_side,
+    foreground_box,
     from_network,
     geometry,
     object_diameters,
@@ -312,3 +316,44 @@ def test_read_only_byte_frames_are_read_without_a_warning():
         warnings.simplefilter("error")
         x = reader.tensor(0, geometry((16, 16), 16), torch.device("cpu"))
     np.testing.assert_allclose(x[0].permute(1, 2, 0).numpy(), frame / 255.0, atol=1e-7)
+
+
+@pytest.mark.parametrize("pad", [(0, 0, 0, 0), (3, 5, 2, 4)])
+def test_boxes_from_object_positions_equal_the_boxes_of_the_maps(pad):
+    # boxes_at: the boxes of the unpadded parts from the nonzero positions of the padded maps,
+    # the same integers as foreground_box of each cropped map (objects in the padding only,
+    # none at all, one pixel, a frame's corners).
+    g = torch.Generator().manual_seed(3)
+    h, w = 20, 30
+    size = (h + pad[2] + pad[3], w + pad[0] + pad[1])
+    geo = Geometry((h, w), (h, w), pad)
+    cls = (torch.rand(8, *size, generator=g) > 0.97).to(torch.uint8)
+    cls[1] = 0
+    cls[2] = 0
+    cls[2, 0, 0] = cls[2, -1, -1] = 2  # padding only, where there is padding
+    cls[3] = 0
+    cls[3, pad[2] + 4, pad[0] + 7] = 1
+    cls[4] = 0
+    cls[4, pad[2], pad[0]] = cls[4, pad[2] + h - 1, pad[0] + w - 1] = 1
+    got = boxes_at(cls.nonzero(as_tuple=True), len(cls), size, geo)
+    assert got == [foreground_box(c) for c in crop_padding(cls, geo)]
+    assert got[1] == (slice(0, 0), slice(0, 0))
+    assert got[3] == (slice(4, 5), slice(7, 8))
+    assert got[4] == (slice(0, h), slice(0, w))
+
+
+def test_bilinear_taps_kept_per_size_are_plain_tensors():
+    # Kept across calls (labels_window of every tracker's result): made once a size, and
+    # usable outside inference mode even when first made inside it.
+    from napari_stm.core.frames import _bilinear_taps
+
+    with torch.inference_mode():
+        first = _bilinear_taps(37, 91, torch.device("cpu"))
+    assert _bilinear_taps(37, 91, torch.device("cpu")) is first
+    assert not any(t.is_inference() for t in first)
+    want = torch.nn.functional.interpolate(
+        torch.arange(37.0)[None, None], size=91, mode="linear", align_corners=False
+    )[0, 0]
+    i0, i1, lam = first
+    x = torch.arange(37.0)
+    assert torch.allclose(torch.lerp(x[i0], x[i1], lam), want)

@@ -159,3 +159,15 @@ def test_engine_measures_the_speed_of_the_segmented_objects():
         speeds.append(float(np.median(steps)))
     assert tr.motion.speed is not None
     assert tr.motion.speed <= 2 * max(speeds) + 0.005, (tr.motion.speed, speeds)
+
+
+def test_won_centres_from_given_positions_equal_their_own_pass():
+    # The trackers of one call pass the object pixels' positions they found once (for their
+    # boxes too): the same counts and centres, bit for bit.
+    g = torch.Generator().manual_seed(0)
+    value = torch.rand(5, 24, 40, generator=g)
+    cls = (torch.rand(5, 24, 40, generator=g) > 0.6).to(torch.uint8)
+    mass, centres = motion.won_centres((value, cls), 1)
+    got = motion.won_centres((value, cls), 1, cls.nonzero(as_tuple=True))
+    assert torch.equal(mass, got[0]) and torch.equal(centres, got[1])
+    assert torch.equal(mass[:, 0], ((cls == 1) & (value > 0.5)).sum((1, 2)).float())

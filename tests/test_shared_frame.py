@@ -391,8 +391,9 @@ def test_trackers_over_other_memories_read_in_one_call_on_stm_lite(monkeypatch):
 
 def test_many_trackers_results_and_motion_from_one_pass_equal_each_trackers_own():
     # With many objects in a call, each tracker's labels box and motion centres come from ONE
-    # pass over every tracker's class maximum (frames.foreground_boxes, motion.won_centres);
-    # they equal what each tracker computes from its own maximum, bit for bit.
+    # pass over every tracker's class maximum (its nonzero positions: frames.boxes_at,
+    # motion.won_centres); they equal what each tracker computes from its own maximum, bit
+    # for bit.
     from napari_stm.core import tracker as tracking
 
     model = load_model("stm-lite", device="cpu")
@@ -429,3 +430,28 @@ def test_many_trackers_results_and_motion_from_one_pass_equal_each_trackers_own(
         assert (a.motion.speed, a.motion.size) == (b.motion.speed, b.motion.size)
         (_, centres_a, present_a), (_, centres_b, present_b) = a.motion._last, b.motion._last
         assert torch.equal(centres_a, centres_b) and torch.equal(present_a, present_b)
+
+
+def test_one_object_confidence_and_centres_from_won_indices_equal_the_whole_maximum():
+    # The trackers of one call form only the class maximum's indices (step.class_won): the
+    # confidence forms the values inside the box, the motion reads the object's probability
+    # where it wins. Both equal what the whole maximum gives, bit for bit (padding included).
+    from napari_stm.core.frames import Geometry
+    from napari_stm.core.readout import one_object_probs
+    from napari_stm.core.step import class_max, class_won
+    from napari_stm.core.tracker import frame_confidence
+
+    g = torch.Generator().manual_seed(2)
+    geo = Geometry((40, 60), (40, 60), (2, 6, 4, 4))
+    logits = torch.randn(6, 1, 48, 68, generator=g) * 4 - 3
+    probs = one_object_probs(logits)
+    top = class_max(probs)
+    won = class_won(probs)
+    assert torch.equal(won, top[1])
+    mass, centres = won_centres(top, 1)
+    got = won_centres((probs[:, 1], won), 1, won.nonzero(as_tuple=True))
+    assert torch.equal(mass, got[0]) and torch.equal(centres, got[1])
+    for k in range(len(probs)):
+        box = foreground_box(crop_padding(won[k], geo))
+        want = frame_confidence(probs[k], geo, (top[0][k], top[1][k]), box)
+        assert torch.equal(frame_confidence(probs[k], geo, None, box, won[k]), want)

@@ -40,20 +40,24 @@ MIN_MASS = 16.0
 SIZE_GAIN = 0.4
 
 
-def won_centres(top: tuple[Tensor, Tensor], n: int) -> tuple[Tensor, Tensor]:
+def won_centres(
+    top: tuple[Tensor, Tensor], n: int, at: tuple[Tensor, ...] | None = None
+) -> tuple[Tensor, Tensor]:
     """Each object's pixels where it wins, from a class maximum ``top`` (values, class indices
     of any integer dtype with the background 0) [(B,) H, W] over ``n`` objects (of each of B
     maps): their count [(B,) n] and centre (row, column) [(B,) n, 2] as a share of the longer
     side. Over B maps in one pass: the trackers of one network call (100 one-object trackers
     took 100 ms a 480p frame on CPU one by one); each map's equal to its own call bit for bit
-    (one count per object and map, its pixels summed in the same order)."""
+    (one count per object and map, its pixels summed in the same order). ``at``: the object
+    pixels' positions, ``top[1].nonzero(as_tuple=True)``, when already known."""
     value, cls = top
     h, w = value.shape[-2:]
     batch = value.shape[:-2]
     # Class indices with the background 0: objects from 1. The object pixels first, then
     # those of them above 0.5: the same pixels in the same order, without a pass over the
     # whole float map (20 one-object maps of a 480p frame: 6 against 13 ms on CPU).
-    at = (cls > 0).nonzero(as_tuple=True)
+    # Class indices are never negative: the nonzero ones are the objects' (no compared copy).
+    at = cls.nonzero(as_tuple=True) if at is None else at
     above = value[at] > 0.5
     at = tuple(a[above] for a in at)
     ys, xs = at[-2], at[-1]

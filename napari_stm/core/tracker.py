@@ -24,11 +24,11 @@ from napari_stm.core.errors import InputError
 from napari_stm.core.frames import (
     FrameReader,
     Geometry,
+    boxes_at,
     check_labels,
     crop_padding,
     fit_side,
     foreground_box,
-    foreground_boxes,
     from_network,
     label_dtype,
     labels_window,
@@ -42,7 +42,7 @@ from napari_stm.core.policy import make_policy
 from napari_stm.core.quality import FLAG_REFERENCE, LostWatch, label_areas, object_confidence
 from napari_stm.core.readout import MotionPrior, ObjectPriors, motion_prior
 from napari_stm.core.runtime import Runtime, half_precision, prepare
-from napari_stm.core.step import Read, StepOutput, step
+from napari_stm.core.step import Read, StepOutput, class_max, class_won, step
 
 
 class SharedFrame:
@@ -153,12 +153,20 @@ def frame_confidence(
     geo: Geometry,
     top: tuple[Tensor, Tensor] | None = None,
     within: tuple[slice, slice] | None = None,
+    won: Tensor | None = None,
 ) -> Tensor:
     """Each object's confidence [N] on a frame's network-size probabilities [N+1, Hp, Wp],
     padding left out; ``top``: their ``max(0)`` (values, indices) when already known;
-    ``within``: the unpadded part's :func:`~napari_stm.core.frames.foreground_box`."""
-    inner = None if top is None else (crop_padding(top[0], geo), crop_padding(top[1], geo))
-    return object_confidence(crop_padding(probs, geo), inner, within)
+    ``within``: the unpadded part's :func:`~napari_stm.core.frames.foreground_box`; ``won``:
+    ``top``'s indices alone (with ``within``), whose values are then formed there only (the
+    confidence reads none elsewhere: the same values, summed in the same order)."""
+    inner = crop_padding(probs, geo)
+    if top is None and won is not None and within is not None:
+        rows, cols = within
+        there = (class_max(inner[:, rows, cols])[0], crop_padding(won, geo)[rows, cols])
+        return object_confidence(inner, there)
+    cropped = None if top is None else (crop_padding(top[0], geo), crop_padding(top[1], geo))
+    return object_confidence(inner, cropped, within)
 
 
 class Tracker:
@@ -383,8 +391,8 @@ class Tracker:
     def _segmented(self, t: int, image: Tensor, out: StepOutput) -> FrameResult:
         """Offer a segmented streamed frame to the memory; its result."""
         self.remember(t, image, out.probs, out.query)
-        top = out.top() if self._shortcuts(out) else None
-        return self.result(t, out.probs, top=top, box=out.box)
+        top = out.top() if self._shortcuts(out) and out.won is None else None
+        return self.result(t, out.probs, top=top, box=out.box, won=out.won)
 
     def _shortcuts(self, out: StepOutput) -> bool:
         """Whether the frame takes the many-object shortcuts: this tracker's objects are many,
@@ -520,7 +528,7 @@ class Tracker:
         if self.policy.measures_motion:
             # After aggregation: one object's own map also lights up every look-alike, and its
             # centre then jumps to their mean (measured 0.15 of the frame on ctc-sim-01's nuclei).
-            top = out.top() if self._shortcuts(out) else None
+            top = out.top() if self._shortcuts(out) and out.centres is None else None
             self.motion.observe(t, out.probs[1:], top=top, measured=out.centres)
 
     def remember(
@@ -548,25 +556,29 @@ class Tracker:
         tracked: Tensor | None = None,
         top: tuple[Tensor, Tensor] | None = None,
         box: tuple[slice, slice] | None = None,
+        won: Tensor | None = None,
     ) -> FrameResult:
         """Frame ``t``'s labels and probabilities, and the confidence, area and flag of the
         objects ``tracked`` ([N] bool; default: those active in this pass). ``top``:
         ``probs.max(0)``'s values and indices when already known (:meth:`StepOutput.top`);
         given, or with many objects, the labels come from the network size
         (:data:`~napari_stm.core.step.MANY_OBJECTS`'s shortcuts); ``box``: its
-        :func:`~napari_stm.core.frames.foreground_box` when already known (with ``top``)."""
+        :func:`~napari_stm.core.frames.foreground_box` when already known (with ``top``);
+        ``won``: ``top``'s indices alone, in place of ``top`` (with ``box``)."""
         geo = self.geo
         assert geo is not None
         index = torch.uint8 if len(self.object_ids) < 256 else torch.int32
-        if self.many_objects or top is not None:
+        if self.many_objects or top is not None or won is not None:
             # The shortcuts (step.MANY_OBJECTS): labels from the network size, and only in
             # the window holding the objects (a one-object tracker's: its object's box).
-            if top is None:
-                top = probs.max(0)
-                top = (top.values, top.indices)
+            if won is None:
+                if top is None:
+                    top = probs.max(0)
+                    top = (top.values, top.indices)
+                won = top[1]
             if box is None:
-                box = foreground_box(crop_padding(top[1], geo))
-            window, cls = labels_window(probs, geo, top[1], box)
+                box = foreground_box(crop_padding(won, geo))
+            window, cls = labels_window(probs, geo, won, box)
         else:
             box = None
             full = from_network(probs[None], geo)[0]
@@ -579,7 +591,7 @@ class Tracker:
         labels = np.zeros(geo.size, dtype=lut.dtype)
         labels[window] = lut[inside]
         on = (self.active if tracked is None else tracked).tolist()
-        conf = frame_confidence(probs, geo, top, box).tolist()
+        conf = frame_confidence(probs, geo, top, box, None if top is not None else won).tolist()
         confidence = {i: c for i, c, o in zip(self.object_ids, conf, on, strict=True) if o}
         # The label image's counts, from the window (outside it every pixel is background).
         counts = np.bincount(inside.ravel(), minlength=len(self.object_ids) + 1)
@@ -965,17 +977,24 @@ def _step_together(
     if len(trackers) == 1:
         return [out]
     # The class maximum of every tracker's maps in one pass (many objects: their labels,
-    # confidence and motion all start from it), each tracker's its slice.
-    top = out.top() if out.many_objects else None
+    # confidence and motion all start from it), each tracker's its slice. One object a
+    # tracker: its indices alone; the values are read only inside each tracker's box (the
+    # confidence, formed there by its result) and where its object wins (the motion), where
+    # the maximum IS the object's probability (max returns the larger operand).
+    top = out.top() if out.many_objects and n > 1 else None
+    won = top[1] if top is not None else class_won(out.probs) if out.many_objects else None
     k_all = len(trackers)
     boxes: list[tuple[slice, slice] | None] = [None] * k_all
     centres: list[tuple[Tensor, Tensor] | None] = [None] * k_all
-    if top is not None and first.geo is not None:
-        # What each tracker's result and motion take from its maximum, for all in one pass.
-        boxes = foreground_boxes(crop_padding(top[1], first.geo))
+    if won is not None and first.geo is not None:
+        # What each tracker's result and motion take from its maximum, for all from one
+        # pass: the object pixels' positions, the boxes and centres from those.
+        at = won.nonzero(as_tuple=True)
+        boxes = boxes_at(at, k_all, won.shape[-2:], first.geo)
         if any(tr.policy.measures_motion for tr in trackers):
-            mass, at = won_centres(top, n)
-            centres = [(mass[k], at[k]) for k in range(k_all)]
+            values = out.probs[..., 1, :, :] if top is None else top[0]
+            mass, middle = won_centres((values, won), n, at)
+            centres = [(mass[k], middle[k]) for k in range(k_all)]
     return [
         StepOutput(
             None if out.logits is None else out.logits[k],
@@ -986,6 +1005,7 @@ def _step_together(
             out.many_objects,
             boxes[k],
             centres[k],
+            None if won is None or top is not None else won[k],
         )
         for k in range(k_all)
     ]
